@@ -72,7 +72,11 @@ async def run(
         await api.start()
         log.info(
             "broker listening: ws://%s:%d/ws, http://%s:%d (backplane %s)",
-            settings.host, front.port, settings.http_host, api.port, settings.backplane,
+            settings.host,
+            front.port,
+            settings.http_host,
+            api.port,
+            settings.backplane,
             extra={"ws_port": front.port, "http_port": api.port},
         )
         if on_started is not None:
@@ -86,7 +90,8 @@ async def run(
         except TimeoutError:
             log.warning(
                 "shutdown deadline of %.1fs passed; dropping %d connections",
-                settings.shutdown_timeout, len(node.peers),
+                settings.shutdown_timeout,
+                len(node.peers),
             )
     finally:
         if install_signal_handlers:
@@ -96,5 +101,6 @@ async def run(
         await node.close()
         log.info(
             "broker stopped: %d connections served, %d open at exit",
-            node.metrics.connections_opened, len(node.peers),
+            node.metrics.connections_opened,
+            len(node.peers),
         )

@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-format", choices=["json", "text"], help="default json")
     serve.add_argument(
-        "--demo", action=argparse.BooleanOptionalAction, default=None,
+        "--demo",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="serve the dashboard example at /demo",
     )
 
@@ -89,8 +91,16 @@ def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
         name: getattr(args, name)
         for name in (
-            "host", "port", "http_host", "http_port", "backplane", "redis_url",
-            "workers", "log_level", "log_format", "demo",
+            "host",
+            "port",
+            "http_host",
+            "http_port",
+            "backplane",
+            "redis_url",
+            "workers",
+            "log_level",
+            "log_format",
+            "demo",
         )
     }
     config = settings.load(args.config, overrides=overrides)
@@ -98,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
     if config.workers > 1:
         from broker.workers import supervise
 
-        return supervise(config, args.config, overrides)
+        return supervise(config)
     from broker.app import run
 
     if config.uvloop:
@@ -110,6 +120,10 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(run(config))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:
+        # Typically the port is taken: one line, no traceback.
+        print(f"broker: cannot serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

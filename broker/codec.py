@@ -21,6 +21,10 @@ AnyClientFrame = Subscribe | Unsubscribe | Publish | Ping
 
 _OPS = ("subscribe", "unsubscribe", "publish", "ping")
 
+#: orjson's own limits: it parses up to 1,024 levels and serializes up to 254.
+MAX_PARSE_DEPTH = 1024
+MAX_DATA_DEPTH = 254
+
 
 def decode(raw: bytes | str) -> AnyClientFrame:
     """Parse and validate one client frame.
@@ -33,6 +37,8 @@ def decode(raw: bytes | str) -> AnyClientFrame:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         reason = str(exc)
+        if "depth limit" in reason:
+            raise BadFrame(f"frame is nested deeper than {MAX_PARSE_DEPTH} levels") from None
         if "UTF-8" in reason or "surrogate" in reason:
             raise BadFrame(f"frame is not valid UTF-8 JSON: {reason}") from None
         raise BadFrame(f"frame is not valid JSON: {reason}") from None
@@ -73,6 +79,8 @@ def encode_data(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
+        if "Recursion" in str(exc):
+            raise BadRequest(f"data is nested deeper than {MAX_DATA_DEPTH} levels") from None
         raise BadRequest(f"data cannot be serialized: {exc}") from None
 
 

@@ -45,9 +45,7 @@ async def publish(request: web.Request) -> web.Response:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise TooLarge(
-                f"body is over the {node.settings.max_frame_bytes}-byte cap"
-            ) from None
+            raise TooLarge(f"body is over the {node.settings.max_frame_bytes}-byte cap") from None
         frame = codec.decode_http_publish(body)
         await node.publish(frame.channel, frame.data)
     except RequestError as exc:
@@ -75,8 +73,12 @@ async def metrics(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     node.metrics.http_requests["metrics"] += 1
     body = render(node.metrics, lambda: _gauges(node))
-    return web.Response(body=body, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(
+        body=body,
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
 
 
 def _gauges(node: Node) -> dict[str, float]:
@@ -106,9 +108,7 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 def make_app(node: Node) -> web.Application:
     """Build the aiohttp application for ``node``."""
-    app = web.Application(
-        client_max_size=node.settings.max_frame_bytes, middlewares=[json_errors]
-    )
+    app = web.Application(client_max_size=node.settings.max_frame_bytes, middlewares=[json_errors])
     app[NODE_KEY] = node
     app.router.add_post("/publish", publish)
     app.router.add_get("/healthz", healthz)
@@ -131,7 +131,7 @@ class HttpApi:
             self._runner,
             self._settings.http_host,
             self._settings.http_port,
-            reuse_port=self._settings.workers > 1,
+            reuse_port=self._settings.reuse_port,
         )
         await self._site.start()
 

@@ -42,7 +42,11 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
         counters = (
-            ("broker_connections_opened", "WebSocket connections accepted.", m.connections_opened),
+            (
+                "broker_connections_opened",
+                "WebSocket connections accepted.",
+                m.connections_opened,
+            ),
             ("broker_connections_closed", "WebSocket connections ended.", m.connections_closed),
             (
                 "broker_connections_rejected",
@@ -85,7 +89,9 @@ class _Collector(Collector):
             family = CounterMetricFamily(name, doc)
             family.add_metric([], value)
             yield family
-        errors = CounterMetricFamily("broker_errors", "Error frames sent, by code.", labels=["code"])
+        errors = CounterMetricFamily(
+            "broker_errors", "Error frames sent, by code.", labels=["code"]
+        )
         for code in ERROR_CODES:
             errors.add_metric([code], m.errors.get(code, 0))
         yield errors

@@ -96,7 +96,11 @@ class Connection:
     """One client connection: its session, its outbox, and how it closes."""
 
     def __init__(
-        self, ws: BrokerConnection, session: Session, flusher: Flusher, settings: Settings,
+        self,
+        ws: BrokerConnection,
+        session: Session,
+        flusher: Flusher,
+        settings: Settings,
         metrics: Metrics,
     ) -> None:
         self.ws = ws
@@ -179,7 +183,9 @@ class Connection:
         self._metrics.slow_consumer_disconnects += 1
         log.warning(
             "slow consumer %s: %d bytes unsent, over the %d-byte cap; closing with 1013",
-            _peer_name(self.ws), backlog, self._cap,
+            _peer_name(self.ws),
+            backlog,
+            self._cap,
         )
         self._closing = True
         self._closer = asyncio.get_running_loop().create_task(
@@ -214,7 +220,7 @@ class WebSocketFrontEnd:
             close_timeout=s.close_timeout,
             max_queue=64,
             server_header="broker",
-            reuse_port=s.workers > 1,
+            reuse_port=s.reuse_port,
         )
         return self._server
 
@@ -283,7 +289,10 @@ class WebSocketFrontEnd:
             await connection.wait_closed()
             log.info(
                 "connection closed from %s: code %s %s (%d open)",
-                _peer_name(ws), ws.close_code, ws.close_reason or "", len(node.peers),
+                _peer_name(ws),
+                ws.close_code,
+                ws.close_reason or "",
+                len(node.peers),
             )
 
 
@@ -310,4 +319,3 @@ def find_static_dir() -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
-

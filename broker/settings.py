@@ -108,6 +108,11 @@ class Settings(BaseModel):
     workers: int = Field(
         1, ge=1, le=64, description="Worker processes sharing the ports (needs backplane 'redis')."
     )
+    reuse_port: bool = Field(
+        False,
+        description="Bind with SO_REUSEPORT so several processes share the ports "
+        "(the worker supervisor sets it).",
+    )
     uvloop: bool = Field(False, description="Run on uvloop when it is installed.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Least severe level that is logged."
@@ -123,6 +128,8 @@ class Settings(BaseModel):
                 "workers > 1 needs backplane = 'redis': with the memory backplane, "
                 "workers would not see each other's messages"
             )
+        if self.workers > 1 and (self.port == 0 or self.http_port == 0):
+            raise ValueError("workers > 1 needs fixed ports: port and http_port must not be 0")
         if self.max_data_bytes >= self.max_frame_bytes:
             raise ValueError("max_data_bytes must be smaller than max_frame_bytes")
         return self

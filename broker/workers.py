@@ -1,0 +1,131 @@
+"""``broker serve --workers N``: a parent that runs and supervises N worker processes.
+
+Each worker is an ordinary ``broker serve`` process on the same ports with
+SO_REUSEPORT, so the kernel spreads connections across them; the Redis
+backplane makes them one broker. The parent restarts a worker that dies
+(with a capped backoff if it keeps dying), forwards SIGTERM/SIGINT to every
+worker for a graceful shutdown, and exits 0 once they all have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+
+from broker.settings import ENV_PREFIX, Settings
+
+log = logging.getLogger("broker.workers")
+
+#: Extra seconds the parent waits past the workers' own shutdown deadline.
+GRACE = 5.0
+RESTART_BACKOFF_MAX = 10.0
+
+
+def worker_environment(settings: Settings, index: int) -> dict[str, str]:
+    """The environment of one worker: every resolved setting, as ``BROKER_*`` variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    for name, value in settings.model_dump().items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        env[ENV_PREFIX + name.upper()] = str(value)
+    env[ENV_PREFIX + "WORKERS"] = "1"
+    env[ENV_PREFIX + "REUSE_PORT"] = "true"
+    env["BROKER_WORKER_INDEX"] = str(index)
+    return env
+
+
+class Supervisor:
+    """Keeps ``settings.workers`` worker processes running until told to stop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stopping = asyncio.Event()
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self.failed = False
+
+    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "broker",
+            "serve",
+            env=worker_environment(self.settings, index),
+        )
+        self._procs[index] = proc
+        log.info("worker %d started (pid %d)", index, proc.pid)
+        return proc
+
+    async def _keep(self, index: int) -> None:
+        """Run worker ``index``, restarting it whenever it dies unexpectedly."""
+        backoff = 0.5
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            proc = await self._spawn(index)
+            code = await proc.wait()
+            if self.stopping.is_set():
+                log.info("worker %d exited with %d", index, code)
+                return
+            if code == 2:
+                # A configuration error: restarting would fail the same way.
+                log.error("worker %d refused its configuration; stopping all", index)
+                self.failed = True
+                self.stopping.set()
+                return
+            if time.monotonic() - started > 30:
+                backoff = 0.5  # it ran fine for a while: restart at once
+            log.error(
+                "worker %d (pid %d) died with %d; restarting in %.1fs",
+                index,
+                proc.pid,
+                code,
+                backoff,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+
+    def _forward(self, signum: int) -> None:
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signum)
+
+    async def run(self) -> int:
+        """Supervise until SIGTERM/SIGINT; returns the exit status (0 if all stopped)."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        log.info(
+            "supervising %d workers on ports %d and %d",
+            self.settings.workers,
+            self.settings.port,
+            self.settings.http_port,
+        )
+        keepers = [asyncio.create_task(self._keep(i)) for i in range(self.settings.workers)]
+        await self.stopping.wait()
+        log.info("stopping %d workers", len(self._procs))
+        self._forward(signal.SIGTERM)
+        deadline = self.settings.shutdown_timeout + GRACE
+        _, pending = await asyncio.wait(keepers, timeout=deadline)
+        status = 0
+        if pending:
+            log.warning("workers still running after %.1fs; killing them", deadline)
+            self._forward(signal.SIGKILL)
+            await asyncio.wait(pending, timeout=GRACE)
+            for task in pending:
+                task.cancel()
+            status = 1
+        for proc in self._procs.values():
+            if proc.returncode not in (0, None):
+                status = 1
+        log.info("all workers stopped")
+        return 2 if self.failed else status
+
+
+def supervise(settings: Settings) -> int:
+    """Run the supervisor in its own event loop; returns the exit status."""
+    return asyncio.run(Supervisor(settings).run())
