@@ -9,6 +9,7 @@ once and then written to thousands of connections.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -21,9 +22,10 @@ AnyClientFrame = Subscribe | Unsubscribe | Publish | Ping
 
 _OPS = ("subscribe", "unsubscribe", "publish", "ping")
 
-#: orjson's own limits: it parses up to 1,024 levels and serializes up to 254.
+#: orjson parses up to 1,024 levels of nesting; ``encode_data`` serializes at
+#: least this many (the standard library's recursion limit bounds it).
 MAX_PARSE_DEPTH = 1024
-MAX_DATA_DEPTH = 254
+MAX_DATA_DEPTH = 900
 
 
 def decode(raw: bytes | str) -> AnyClientFrame:
@@ -51,6 +53,19 @@ def decode(raw: bytes | str) -> AnyClientFrame:
         raise BadRequest(_describe(exc, obj), request_id=request_id) from None
 
 
+def peek_id(raw: bytes | str) -> int | str | None:
+    """Return the frame's ``id`` if it is a JSON object with a valid one, else None.
+
+    For errors decided before a frame is validated (``rate_limited``), so that
+    their reply still carries the request's id. Never raises.
+    """
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return _readable_id(obj.get("id")) if isinstance(obj, dict) else None
+
+
 def decode_http_publish(raw: bytes) -> HttpPublish:
     """Parse the body of ``POST /publish``; raises ``BadFrame`` or ``BadRequest``."""
     try:
@@ -75,13 +90,22 @@ def decode_http_publish(raw: bytes) -> HttpPublish:
 
 
 def encode_data(value: Any) -> bytes:
-    """Serialize a publish's ``data`` once; raises ``BadRequest`` if it cannot be."""
+    """Serialize a publish's ``data`` once; raises ``BadRequest`` if it cannot be.
+
+    orjson serializes at most 254 levels of nesting; deeper (but parseable)
+    values go through the standard library, which manages several hundred
+    more. ``value`` came from orjson, so it holds no NaN or lone surrogate.
+    """
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
-        if "Recursion" in str(exc):
-            raise BadRequest(f"data is nested deeper than {MAX_DATA_DEPTH} levels") from None
-        raise BadRequest(f"data cannot be serialized: {exc}") from None
+        if "Recursion" not in str(exc):
+            raise BadRequest(f"data cannot be serialized: {exc}") from None
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except RecursionError:
+        raise BadRequest(f"data is nested deeper than {MAX_DATA_DEPTH} levels") from None
+    return text.encode()
 
 
 def encode_message(channel: str, data: bytes) -> bytes:

@@ -51,8 +51,16 @@ class Hub:
             await self._sync(pattern)
 
     async def unsubscribe(self, pattern: str, subscriber: Subscriber) -> None:
-        """Stop delivering ``pattern`` to ``subscriber``; takes effect at once locally."""
-        if self.index.remove(pattern, subscriber):
+        """Stop delivering ``pattern`` to ``subscriber``; takes effect at once locally.
+
+        The backplane's interest is dropped whenever nobody here wants ``pattern``
+        any more, also when ``subscriber`` was already taken out of the index
+        (``Node.detach`` does that first, so no message reaches a closed peer).
+        """
+        self.index.remove(pattern, subscriber)
+        if not self.index.has(pattern) and (
+            pattern in self._on_backplane or pattern in self._locks
+        ):
             await self._sync(pattern)
 
     def deliver(self, channel: str, data: bytes) -> None:

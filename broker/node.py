@@ -19,7 +19,7 @@ from typing import Protocol
 
 from broker import codec
 from broker.backplane import Backplane
-from broker.exceptions import BackplaneError, LimitExceeded, RequestError, Unavailable
+from broker.exceptions import BackplaneError, LimitExceeded, Unavailable
 from broker.hub import Hub, Subscriber
 from broker.metrics import Metrics
 from broker.session import (
@@ -122,7 +122,11 @@ class Node:
             # Our bug, not the client's: keep the connection, hide the details.
             log.exception("internal error while handling a frame")
             self.metrics.errors["internal"] += 1
-            peer.send(codec.encode_error(None, "internal", "internal error; it has been logged"))
+            peer.send(
+                codec.encode_error(
+                    peer.session.request_id, "internal", "internal error; it has been logged"
+                )
+            )
 
     async def execute(self, peer: Peer, effects: list[Effect]) -> None:
         """Carry out a session's effects, in order."""
@@ -172,8 +176,11 @@ class Node:
                 peer.send(codec.encode_ok(request_id))
             return
         self.metrics.publish_failures += 1
-        error: RequestError = Unavailable(f"message not delivered: {exc}")
-        if not isinstance(exc, BackplaneError):
-            log.error("backplane publish failed", exc_info=exc)
-        self.metrics.errors[error.code] += 1
-        peer.send(codec.encode_error(request_id, error.code, error.message))
+        if isinstance(exc, BackplaneError):
+            code, message = "unavailable", f"message not delivered: {exc}"
+        else:
+            # A bug in the backplane, not an outage: say so, log the traceback.
+            log.error("backplane publish failed unexpectedly", exc_info=exc)
+            code, message = "internal", "message not delivered: internal error; it has been logged"
+        self.metrics.errors[code] += 1
+        peer.send(codec.encode_error(request_id, code, message))

@@ -164,6 +164,8 @@ class Connection:
         if self._closing:
             return
         self.flush()
+        if self._closing:
+            return  # the flush found a slow consumer and is closing it already
         self._closing = True
         self._closer = asyncio.get_running_loop().create_task(self.ws.close(code, reason))
 

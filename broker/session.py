@@ -108,6 +108,9 @@ class Session:
         #: Patterns (and channels) this connection subscribed to, as given.
         self.subscriptions: set[str] = set()
         self.closed = False
+        #: The id of the frame being handled, once it has been read; lets the
+        #: node answer its own failures (``internal``) with the right id.
+        self.request_id: RequestId = None
         self._tokens = float(limits.rate_burst)
         self._last = now
         self._errors: deque[float] = deque()
@@ -117,16 +120,19 @@ class Session:
         if self.closed:
             return []
         request_id: RequestId = None
+        self.request_id = None
         try:
             if self.limits.rate_limit and not self._take_token(now):
+                # A refused request with an id still gets its one reply with that id.
                 raise RateLimited(
                     f"over the rate limit of {self.limits.rate_limit:g} requests/s "
-                    f"(burst {self.limits.rate_burst})"
+                    f"(burst {self.limits.rate_burst})",
+                    request_id=codec.peek_id(raw) if text else None,
                 )
             if not text:
                 raise BadFrame("binary frames are not accepted; send JSON in text frames")
             frame = codec.decode(raw)
-            request_id = frame.id
+            request_id = self.request_id = frame.id
             if isinstance(frame, Publish):
                 return [self._publish(frame)]
             if isinstance(frame, Subscribe):

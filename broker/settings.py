@@ -180,11 +180,21 @@ def load(
 
 
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:
-    """Accept settings at the top level or grouped in ``[tables]`` (names are unique)."""
+    """Accept settings at the top level or grouped in ``[tables]``; names are unique.
+
+    The table names are only for readers (``config/broker.toml`` groups by
+    topic); a setting given twice is an error rather than a silent override.
+    """
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value))
+            nested = _flatten(value)
+            for name in nested:
+                if name in flat:
+                    raise ConfigError(f"setting '{name}' is given twice in the config file")
+            flat.update(nested)
+        elif key in flat:
+            raise ConfigError(f"setting '{key}' is given twice in the config file")
         else:
             flat[key] = value
     return flat

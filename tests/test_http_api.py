@@ -1,0 +1,354 @@
+"""The service HTTP API against a real broker: publish, health, readiness, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection, connect
+
+from broker.app import Running
+from broker.backplane.memory import MemoryBackplane
+from broker.exceptions import ERROR_CODES
+from broker.frames import SERVER_FRAME
+from tests.inproc import running_broker
+from tests.wait import until, within
+
+
+def api(broker: Running, path: str) -> str:
+    return f"http://127.0.0.1:{broker.http_port}{path}"
+
+
+def ws_url(broker: Running) -> str:
+    return f"ws://127.0.0.1:{broker.ws_port}/ws"
+
+
+async def recv(ws: ClientConnection) -> dict[str, Any]:
+    frame: dict[str, Any] = orjson.loads(await within(ws.recv()))
+    SERVER_FRAME.validate_python(frame)
+    return frame
+
+
+async def ws_request(ws: ClientConnection, frame: dict[str, Any] | bytes) -> dict[str, Any]:
+    await ws.send(frame if isinstance(frame, bytes) else orjson.dumps(frame), text=True)
+    return await recv(ws)
+
+
+async def post(
+    http: aiohttp.ClientSession, url: str, body: Any, **kwargs: Any
+) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` (bytes as they are, anything else as JSON); return status and JSON."""
+    data = body if isinstance(body, bytes) or body is None else orjson.dumps(body)
+    async with http.post(url, data=data, **kwargs) as response:
+        assert response.content_type == "application/json"
+        return response.status, orjson.loads(await response.read())
+
+
+def assert_http_error(status: int, body: dict[str, Any], want_status: int, code: str) -> None:
+    assert status == want_status, body
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+# --- POST /publish ------------------------------------------------------------------
+
+
+async def test_publish_reaches_a_websocket_subscriber() -> None:
+    async with (
+        running_broker() as broker,
+        aiohttp.ClientSession() as http,
+        connect(ws_url(broker)) as sub,
+    ):
+        assert await ws_request(sub, {"op": "subscribe", "id": 1, "channel": "svc.*"}) == {
+            "op": "ok",
+            "id": 1,
+        }
+        for i, data in enumerate([{"t": 21.5}, None, [1, "two"], "s"]):
+            status, body = await post(
+                http, api(broker, "/publish"), {"channel": f"svc.{i}", "data": data}
+            )
+            assert (status, body) == (200, {"ok": True})
+            assert await recv(sub) == {"op": "message", "channel": f"svc.{i}", "data": data}
+        assert broker.node.metrics.messages_published == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "words"),
+    [
+        (b"not json", "bad_frame", "not valid JSON"),
+        (b"", "bad_frame", "not valid JSON"),
+        (b"[1]", "bad_frame", "must be a JSON object"),
+        (b'{"channel":"a","data":NaN}', "bad_frame", "not valid JSON"),
+        (b'{"channel":"a","data":"\xff"}', "bad_frame", "not valid JSON"),
+        (b'{"channel":"a"}', "bad_request", "missing field 'data'"),
+        (b'{"data":1}', "bad_request", "missing field 'channel'"),
+        (b'{"channel":"a","data":1,"id":2}', "bad_request", "unknown field 'id'"),
+        (b'{"channel":5,"data":1}', "bad_request", "'channel'"),
+        (b'{"channel":"a","data":' + b"[" * 1020 + b"]" * 1020 + b"}", "bad_request", "900"),
+        (b'{"channel":"a.*","data":1}', "bad_channel", "cannot publish to a pattern"),
+        (b'{"channel":"a.>","data":1}', "bad_channel", "cannot publish to a pattern"),
+        (b'{"channel":"a..b","data":1}', "bad_channel", "empty token"),
+        (b'{"channel":"","data":1}', "bad_channel", "empty"),
+    ],
+)
+async def test_publish_refuses_bad_bodies_with_400(body: bytes, code: str, words: str) -> None:
+    async with running_broker() as broker, aiohttp.ClientSession() as http:
+        status, reply = await post(http, api(broker, "/publish"), body)
+        assert_http_error(status, reply, 400, code)
+        assert words in reply["error"]["message"]
+        assert broker.node.metrics.errors[code] == 1
+
+
+async def test_publish_too_large() -> None:
+    async with (
+        running_broker(max_frame_bytes=4096, max_data_bytes=1024) as broker,
+        aiohttp.ClientSession() as http,
+    ):
+        url = api(broker, "/publish")
+        # data at the cap is fine, one byte over is too_large.
+        status, _ = await post(http, url, {"channel": "c", "data": "x" * 1022})
+        assert status == 200
+        status, body = await post(http, url, {"channel": "c", "data": "x" * 1023})
+        assert_http_error(status, body, 413, "too_large")
+        assert "1025 bytes" in body["error"]["message"]
+        # A body over max_frame_bytes, announced by Content-Length.
+        status, body = await post(http, url, {"channel": "c", "data": "x" * 5000})
+        assert_http_error(status, body, 413, "too_large")
+
+        # ... and one sent in chunks, without a Content-Length.
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b'{"channel":"c","data":"'
+            for _ in range(10):
+                yield b"x" * 1000
+            yield b'"}'
+
+        async with http.post(url, data=chunks()) as response:
+            assert "Content-Length" not in response.request_info.headers
+            body = orjson.loads(await response.read())
+            assert_http_error(response.status, body, 413, "too_large")
+        status, _ = await post(http, url, {"channel": "c", "data": 1})
+        assert status == 200
+
+
+async def test_publish_unavailable_when_the_backplane_fails() -> None:
+    backplane = MemoryBackplane()
+    async with (
+        running_broker(backplane=backplane) as broker,
+        aiohttp.ClientSession() as http,
+        connect(ws_url(broker)) as sub,
+    ):
+        await ws_request(sub, {"op": "subscribe", "id": 1, "channel": "c"})
+        backplane.fail_publish = True
+        status, body = await post(http, api(broker, "/publish"), {"channel": "c", "data": 1})
+        assert_http_error(status, body, 503, "unavailable")
+        backplane.fail_publish = False
+        status, _ = await post(http, api(broker, "/publish"), {"channel": "c", "data": 2})
+        assert status == 200
+        # The failed one was not delivered.
+        assert (await recv(sub))["data"] == 2
+        assert broker.node.metrics.publish_failures == 1
+
+
+async def test_unknown_path_and_method_answer_json_errors() -> None:
+    async with running_broker() as broker, aiohttp.ClientSession() as http:
+        async with http.get(api(broker, "/nope")) as response:
+            body = orjson.loads(await response.read())
+            assert_http_error(response.status, body, 404, "bad_request")
+        async with http.get(api(broker, "/publish")) as response:
+            body = orjson.loads(await response.read())
+            assert_http_error(response.status, body, 405, "bad_request")
+        status, body = await post(http, api(broker, "/healthz"), {"x": 1})
+        assert_http_error(status, body, 405, "bad_request")
+        # The WebSocket endpoint is not on this port.
+        async with http.get(api(broker, "/ws")) as response:
+            assert response.status == 404
+
+
+# --- health and readiness ---------------------------------------------------------------
+
+
+async def test_healthz_and_readyz() -> None:
+    backplane = MemoryBackplane()
+    async with running_broker(backplane=backplane) as broker, aiohttp.ClientSession() as http:
+        async with http.get(api(broker, "/healthz")) as response:
+            assert response.status == 200
+            assert orjson.loads(await response.read()) == {"status": "ok"}
+        async with http.get(api(broker, "/readyz")) as response:
+            assert response.status == 200
+            assert orjson.loads(await response.read())["status"] == "ready"
+
+        backplane.fail_publish = True  # the backplane cannot deliver: not ready
+        async with http.get(api(broker, "/readyz")) as response:
+            assert response.status == 503
+            assert orjson.loads(await response.read())["status"] == "unavailable"
+        async with http.get(api(broker, "/healthz")) as response:
+            assert response.status == 200  # but alive
+
+        backplane.fail_publish = False
+        async with http.get(api(broker, "/readyz")) as response:
+            assert response.status == 200
+
+
+# --- metrics ----------------------------------------------------------------------
+
+
+class Scrape:
+    """One parsed /metrics exposition."""
+
+    def __init__(self, text: str) -> None:
+        self.samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self.types: dict[str, str] = {}
+        for family in text_string_to_metric_families(text):
+            self.types[family.name] = family.type
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                self.samples[key] = sample.value
+
+    def __call__(self, name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        assert key in self.samples, f"{name}{labels} not exposed"
+        return self.samples[key]
+
+
+async def scrape(http: aiohttp.ClientSession, broker: Running) -> Scrape:
+    async with http.get(api(broker, "/metrics")) as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        return Scrape(await response.text())
+
+
+async def test_metrics_exposition_names_and_types() -> None:
+    async with running_broker() as broker, aiohttp.ClientSession() as http:
+        metrics = await scrape(http, broker)
+        gauges = ["connections", "subscriptions", "patterns", "backplane_ready"]
+        counters = [
+            "connections_opened",
+            "connections_closed",
+            "connections_rejected",
+            "messages_published",
+            "messages_received",
+            "messages_delivered",
+            "publish_failures",
+            "slow_consumer_disconnects",
+            "abuse_disconnects",
+            "frames_received",
+            "errors",
+            "http_requests",
+        ]
+        for name in gauges:
+            assert metrics.types[f"broker_{name}"] == "gauge", name
+        for name in counters:
+            assert metrics.types[f"broker_{name}"] == "counter", name
+        for code in ERROR_CODES:
+            assert metrics("broker_errors_total", code=code) == 0
+        assert metrics("broker_connections") == 0
+        assert metrics("broker_backplane_ready") == 1
+        assert metrics("broker_slow_consumer_disconnects_total") == 0
+
+
+async def test_metrics_follow_activity() -> None:
+    backplane = MemoryBackplane()
+    async with (
+        running_broker(backplane=backplane, error_limit=2) as broker,
+        aiohttp.ClientSession() as http,
+    ):
+        before = await scrape(http, broker)
+        assert before("broker_connections") == 0
+        async with connect(ws_url(broker)) as sub, connect(ws_url(broker)) as pub:
+            await ws_request(sub, {"op": "subscribe", "id": 1, "channel": "m.*"})
+            await ws_request(sub, {"op": "subscribe", "id": 2, "channel": "m.>"})
+            await ws_request(pub, {"op": "subscribe", "id": 3, "channel": "m.*"})
+            await ws_request(pub, {"op": "publish", "id": 4, "channel": "m.x", "data": 1})
+            status, _ = await post(http, api(broker, "/publish"), {"channel": "m.y", "data": 2})
+            assert status == 200
+            await ws_request(pub, b"junk")
+            await ws_request(pub, {"op": "nope", "id": 5})
+            backplane.fail_publish = True
+            await ws_request(pub, {"op": "publish", "id": 6, "channel": "m.z", "data": 3})
+
+            during = await scrape(http, broker)
+            assert during("broker_connections") == 2
+            assert during("broker_subscriptions") == 3
+            assert during("broker_patterns") == 2
+            assert during("broker_backplane_ready") == 0
+            assert during("broker_connections_opened_total") == 2
+            assert during("broker_messages_published_total") == 2  # one WS, one HTTP
+            assert during("broker_messages_received_total") == 2
+            assert during("broker_messages_delivered_total") == 4  # 2 messages x 2 conns
+            assert during("broker_publish_failures_total") == 1
+            assert during("broker_errors_total", code="bad_frame") == 1
+            assert during("broker_errors_total", code="bad_request") == 1
+            assert during("broker_errors_total", code="unavailable") == 1
+            assert during("broker_frames_received_total") == 7
+            assert during("broker_http_requests_total", route="publish") == 1
+            assert during("broker_http_requests_total", route="metrics") == 2
+
+            # A third client error crosses the budget of 2: closed with 1008.
+            await pub.send(b"junk", text=True)
+            await until(lambda: broker.node.metrics.abuse_disconnects == 1)
+
+        await until(lambda: not broker.node.peers)
+        after = await scrape(http, broker)
+        assert after("broker_connections") == 0
+        assert after("broker_subscriptions") == 0
+        assert after("broker_patterns") == 0
+        assert after("broker_connections_closed_total") == 2
+        assert after("broker_abuse_disconnects_total") == 1
+        assert after("broker_errors_total", code="bad_frame") == 2
+
+
+async def test_every_error_code_but_forbidden_is_reachable_in_one_process() -> None:
+    """One broker, one connection per code; /metrics counts each one once.
+
+    ``forbidden`` is reserved: version 1 has no authorization, nothing sends it.
+    """
+
+    class Faulty(MemoryBackplane):
+        explode = False
+
+        def publish(self, channel: str, data: bytes) -> asyncio.Future[None]:
+            if self.explode:
+                raise RuntimeError("a bug")
+            return super().publish(channel, data)
+
+    backplane = Faulty()
+    triggers: dict[str, list[dict[str, Any] | bytes]] = {
+        "bad_frame": [b"junk"],
+        "bad_request": [{"op": "nope", "id": 1}],
+        "bad_channel": [{"op": "subscribe", "id": 1, "channel": "a b"}],
+        "not_subscribed": [{"op": "unsubscribe", "id": 1, "channel": "a"}],
+        "too_large": [{"op": "publish", "id": 1, "channel": "a", "data": "x" * 2000}],
+        "rate_limited": [{"op": "ping", "id": i} for i in range(4)],
+        "limit_exceeded": [{"op": "subscribe", "id": i, "channel": f"c{i}"} for i in range(3)],
+        "unavailable": [{"op": "publish", "id": 1, "channel": "a", "data": 1}],
+        "internal": [{"op": "publish", "id": 1, "channel": "a", "data": 1}],
+    }
+    async with (
+        running_broker(
+            backplane=backplane,
+            max_frame_bytes=4096,
+            max_data_bytes=1024,
+            max_subscriptions=2,
+            rate_limit=0.001,
+            rate_burst=3,
+        ) as broker,
+        aiohttp.ClientSession() as http,
+    ):
+        for code, frames in triggers.items():
+            backplane.fail_publish = code == "unavailable"
+            backplane.explode = code == "internal"
+            async with connect(ws_url(broker)) as ws:
+                replies = [await ws_request(ws, frame) for frame in frames]
+            assert replies[-1]["op"] == "error"
+            assert replies[-1]["code"] == code
+            assert all(r["op"] != "error" for r in replies[:-1]), replies
+        metrics = await scrape(http, broker)
+        for code in ERROR_CODES:
+            assert metrics("broker_errors_total", code=code) == (code != "forbidden"), code
