@@ -56,6 +56,37 @@ class BrokerConnection(ServerConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.opcodes: deque[Opcode] = deque()
+        self._sniffed = False
+
+    def data_received(self, data: bytes) -> None:
+        # websockets only parses bodiless GET requests and drops anything else
+        # without a word; answer other methods with a proper HTTP error instead.
+        if not self._sniffed:
+            self._sniffed = True
+            end = data.find(b"\r\n")
+            if end > 0:
+                method, _, rest = data[:end].partition(b" ")
+                if method != b"GET" and method.isalpha() and method.isupper():
+                    self._refuse_method(method, rest.partition(b" ")[0])
+                    return
+        super().data_received(data)
+
+    def _refuse_method(self, method: bytes, target: bytes) -> None:
+        path = urlsplit(target.decode("latin-1")).path
+        if path == WS_PATH or path in _GET_ROUTES:
+            status, body = HTTPStatus.METHOD_NOT_ALLOWED, f"{path} only answers GET\n"
+        else:
+            status, body = HTTPStatus.NOT_FOUND, f"not found: {path}; WebSocket is at /ws\n"
+        payload = body.encode() if method != b"HEAD" else b""
+        head = (
+            f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body.encode())}\r\n"
+            + ("Allow: GET\r\n" if status is HTTPStatus.METHOD_NOT_ALLOWED else "")
+            + "Connection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + payload)
+        self.transport.close()
 
     def process_event(self, event: Any) -> None:
         opcode = getattr(event, "opcode", None)
@@ -297,6 +328,8 @@ class WebSocketFrontEnd:
                 len(node.peers),
             )
 
+
+_GET_ROUTES = {"/healthz", "/client/broker.js", "/client/broker.d.ts", "/demo", "/demo/"}
 
 _STATIC_ROUTES: dict[str, tuple[str, str]] = {
     "/client/broker.js": ("broker.js", "text/javascript; charset=utf-8"),

@@ -505,6 +505,29 @@ async def test_plain_http_on_the_websocket_port() -> None:
             await assert_alive(ws)
 
 
+async def test_other_methods_on_the_websocket_port_get_http_errors() -> None:
+    # websockets alone would drop these connections without an answer.
+    async with running_broker() as broker, aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{broker.ws_port}"
+        async with http.post(f"{base}/publish", json={"channel": "a", "data": 1}) as response:
+            assert response.status == 404
+            assert "WebSocket is at /ws" in await response.text()
+        async with http.post(f"{base}/ws", data=b"x") as response:
+            assert response.status == 405
+            assert response.headers["Allow"] == "GET"
+        async with http.delete(f"{base}/healthz") as response:
+            assert response.status == 405
+        async with http.head(f"{base}/nope") as response:
+            assert response.status == 404
+            assert await response.read() == b""
+        await assert_alive_url(ws_url(broker))
+
+
+async def assert_alive_url(url: str) -> None:
+    async with connect(url) as ws:
+        await assert_alive(ws)
+
+
 # --- hostile input ---------------------------------------------------------------------
 
 
