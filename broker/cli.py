@@ -27,12 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the broker")
     serve.add_argument("--config", help="TOML configuration file (default: $BROKER_CONFIG)")
     serve.add_argument("--host", help="WebSocket bind address (default 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="WebSocket port (default 8000)")
+    serve.add_argument("--port", help="WebSocket port (default 8000)")
     serve.add_argument("--http-host", help="service API bind address (default 127.0.0.1)")
-    serve.add_argument("--http-port", type=int, help="service API port (default 8001)")
+    serve.add_argument("--http-port", help="service API port (default 8001)")
     serve.add_argument("--backplane", choices=["memory", "redis"], help="default memory")
     serve.add_argument("--redis-url", help="Redis URL for the redis backplane")
-    serve.add_argument("--workers", type=int, help="worker processes (needs redis)")
+    serve.add_argument("--workers", help="worker processes (needs redis)")
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="default info"
     )
