@@ -37,6 +37,7 @@ ORCHESTRATION_FORBIDDEN = NETWORK | {
         "workers",
         "backplane.redis",
         "backplane.redis_wire",
+        "backplane.redis_publisher",
     )
 }
 

@@ -1,0 +1,394 @@
+"""The Redis backplane under faults, against a real redis-server of the test's own.
+
+Faults come from the shared TCP proxy between the backplane and Redis
+(``tests/tcpproxy.py``: ``pause()`` holds every byte in both directions, a black
+hole for as long as it lasts; ``cut()`` resets every open link; ``pause()`` then
+``cut()`` is an outage where new connections open but get no answer), from
+``CLIENT KILL TYPE pubsub``, and from killing and restarting the server.
+
+Each case checks the promises of ``broker/backplane/redis.py``: ``ready`` drops
+promptly, publishes fail promptly with ``BackplaneError``, one warning per outage
+and one info line per recovery (no traceback), subscriptions restored (a message
+published after recovery arrives), and no task left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from broker.backplane.redis import RedisBackplane
+from broker.exceptions import BackplaneError
+from tests.backplane_support import Inbox, RedisServer, eventually, our_tasks
+from tests.tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.redis
+
+LOGGER = "broker.backplane.redis"
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def proxy(redis_server: RedisServer) -> AsyncIterator[TcpProxy]:
+    relay = TcpProxy("127.0.0.1", redis_server.port)
+    await relay.start()
+    yield relay
+    await relay.close()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Any]:
+    """A plain client straight to Redis (not through the proxy), to publish and kill."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    return caplog
+
+
+def lines(caplog: pytest.LogCaptureFixture, level: int, text: str) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == LOGGER and r.levelno == level and text in r.getMessage()
+    ]
+
+
+def assert_one_line_per_state_change(caplog: pytest.LogCaptureFixture, restored: int) -> None:
+    ours = [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.INFO]
+    assert [r.levelname for r in ours] == ["INFO", "WARNING", "INFO"], [
+        r.getMessage() for r in ours
+    ]
+    assert "connected to" in ours[0].getMessage()
+    assert ours[1].getMessage().startswith("redis backplane: connection lost: ")
+    assert ours[2].getMessage() == (
+        f"redis backplane: reconnected, {restored} subscriptions restored"
+    )
+    assert all(r.exc_info is None for r in ours), "no tracebacks for outages"
+
+
+async def close_and_check(bp: RedisBackplane, before: set[asyncio.Task[Any]]) -> None:
+    await bp.close()
+    assert not_the_proxys(our_tasks(before)) == set(), "tasks left behind after close()"
+
+
+def not_the_proxys(tasks: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
+    return {t for t in tasks if not t.get_coro().__qualname__.startswith("TcpProxy.")}
+
+
+def prefix() -> str:
+    return f"f{uuid.uuid4().hex[:12]}."
+
+
+async def test_cut_link_is_noticed_and_everything_restored(
+    proxy: TcpProxy, raw: Any, log: pytest.LogCaptureFixture
+) -> None:
+    before = set(asyncio.all_tasks())
+    pre = prefix()
+    bp = RedisBackplane(
+        f"redis://127.0.0.1:{proxy.port}/0", prefix=pre, socket_timeout=0.3, reconnect_max=0.3
+    )
+    inbox = Inbox()
+    await bp.start(inbox)
+    for pattern in ("t.a", "t.*", "t.gone"):
+        await bp.subscribe(pattern)
+
+    proxy.pause()
+    await proxy.cut()
+    took = await eventually(lambda: not bp.ready, 2.0, "down after the cut")
+    assert took < 0.5
+    with pytest.raises(BackplaneError):
+        async with asyncio.timeout(1.5):
+            await bp.publish("t.a", b"1")
+
+    # Interest changes during the outage are recorded without raising or waiting.
+    async with asyncio.timeout(0.5):
+        await bp.subscribe("t.new")
+        await bp.unsubscribe("t.gone")
+
+    # Let it fail to reconnect a few times: still only one warning.
+    attempts = proxy.accepted
+    await eventually(lambda: proxy.accepted >= attempts + 3, 3.0, "retrying")
+    assert not bp.ready
+
+    proxy.resume()
+    await eventually(lambda: bp.ready, 3.0, "ready again")
+    assert bp.connection_losses == 1
+    await raw.publish(f"{pre}t.a", b'"a"')
+    await raw.publish(f"{pre}t.gone", b'"gone"')
+    await raw.publish(f"{pre}t.new", b'"new"')
+    await inbox.wait_message("t.new", b'"new"')
+    assert inbox.messages == [("t.a", b'"a"'), ("t.gone", b'"gone"'), ("t.new", b'"new"')]
+    assert_one_line_per_state_change(log, restored=3)  # t.a, t.*, t.new
+    await close_and_check(bp, before)
+
+
+async def test_blackholed_link_is_noticed(
+    proxy: TcpProxy, raw: Any, log: pytest.LogCaptureFixture
+) -> None:
+    before = set(asyncio.all_tasks())
+    pre = prefix()
+    # Default timeouts: the promised numbers are about these.
+    bp = RedisBackplane(f"redis://127.0.0.1:{proxy.port}/0", prefix=pre, reconnect_max=0.5)
+    inbox = Inbox()
+    await bp.start(inbox)
+    await bp.subscribe("b.x")
+    loop = asyncio.get_running_loop()
+
+    proxy.pause()
+    start = loop.time()
+    in_flight = [bp.publish("b.x", b"%d" % i) for i in range(100)]
+    async with asyncio.timeout(1.5):
+        results = await asyncio.gather(*in_flight, return_exceptions=True)
+    assert all(isinstance(r, BackplaneError) for r in results), results[:3]
+    # Worst case: the batch times out (1 s), then the PING it triggers does (1 s).
+    await eventually(lambda: not bp.ready, 3.0, "down after the black hole")
+    assert loop.time() - start < 3.0
+
+    proxy.resume()
+    await eventually(lambda: bp.ready, 4.0, "ready again")
+    await raw.publish(f"{pre}b.x", b'"after"')
+    await inbox.wait_message("b.x", b'"after"')
+    assert inbox.on("b.x") == [b'"after"']
+    assert_one_line_per_state_change(log, restored=1)
+    await close_and_check(bp, before)
+
+
+async def test_idle_blackholed_link_is_noticed_by_ping(proxy: TcpProxy) -> None:
+    before = set(asyncio.all_tasks())
+    bp = RedisBackplane(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix(), socket_timeout=0.5)
+    await bp.start(Inbox())
+    await bp.subscribe("idle")
+    proxy.pause()
+    took = await eventually(lambda: not bp.ready, 2.0, "down without any traffic")
+    assert took < 1.0 + 0.5  # one PING interval plus one PING time-out, plus slack
+    await close_and_check(bp, before)
+
+
+async def test_client_kill_pubsub_is_noticed_and_restored(
+    redis_server: RedisServer, raw: Any, log: pytest.LogCaptureFixture
+) -> None:
+    before = set(asyncio.all_tasks())
+    pre = prefix()
+    bp = RedisBackplane(redis_server.url, prefix=pre)
+    inbox = Inbox()
+    await bp.start(inbox)
+    await bp.subscribe("k.a")
+    await bp.subscribe("k.*")
+
+    killed = await raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    assert killed >= 1
+    await eventually(lambda: bp.connection_losses == 1 and bp.ready, 3.0, "reconnected")
+    await raw.publish(f"{pre}k.a", b'"after"')
+    await raw.publish(f"{pre}k.end", b'"end"')
+    await inbox.wait_message("k.end", b'"end"')
+    assert inbox.on("k.a") == [b'"after"']  # both subscriptions back, still delivered once
+    assert_one_line_per_state_change(log, restored=2)
+    await close_and_check(bp, before)
+
+
+async def test_server_restart_is_survived(
+    redis_server: RedisServer, log: pytest.LogCaptureFixture
+) -> None:
+    before = set(asyncio.all_tasks())
+    pre = prefix()
+    bp = RedisBackplane(redis_server.url, prefix=pre, reconnect_max=0.3)
+    inbox = Inbox()
+    await bp.start(inbox)
+    await bp.subscribe("r.>")
+    try:
+        redis_server.stop()
+        await eventually(lambda: not bp.ready, 1.0, "down after the server died")
+        with pytest.raises(BackplaneError):
+            await bp.publish("r.x", b"1")  # fails at once while down
+    finally:
+        if redis_server.process is None:
+            redis_server.start()
+    await eventually(lambda: bp.ready, 3.0, "ready again")
+    assert_one_line_per_state_change(log, restored=1)
+    # The first publish after the restart goes out on a fresh connection.
+    async with asyncio.timeout(1):
+        await bp.publish("r.mine", b'"first"')
+    await inbox.wait_message("r.mine", b'"first"')
+    # A second backplane publishes, as another broker process would.
+    other = RedisBackplane(redis_server.url, prefix=pre)
+    await other.start(Inbox())
+    await other.publish("r.x.y", b'"back"')
+    await inbox.wait_message("r.x.y", b'"back"')
+    await other.close()
+    await close_and_check(bp, before)
+
+
+async def test_start_while_redis_is_down(
+    proxy: TcpProxy, raw: Any, log: pytest.LogCaptureFixture
+) -> None:
+    before = set(asyncio.all_tasks())
+    pre = prefix()
+    proxy.pause()
+    bp = RedisBackplane(
+        f"redis://127.0.0.1:{proxy.port}/0", prefix=pre, socket_timeout=0.3, reconnect_max=0.3
+    )
+    inbox = Inbox()
+    async with asyncio.timeout(2):
+        await bp.start(inbox)  # returns after the first attempt, without raising
+    assert not bp.ready
+    with pytest.raises(BackplaneError):
+        await bp.publish("s.x", b"1")
+    await bp.subscribe("s.x")
+    proxy.resume()
+    await eventually(lambda: bp.ready, 2.0, "connected")
+    await raw.publish(f"{pre}s.x", b'"hello"')
+    await inbox.wait_message("s.x", b'"hello"')
+    warnings = lines(log, logging.WARNING, "cannot connect to redis://127.0.0.1:")
+    assert len(warnings) == 1
+    assert len(lines(log, logging.INFO, "connected to")) == 1
+    await close_and_check(bp, before)
+
+
+async def test_close_during_outage_is_prompt(proxy: TcpProxy) -> None:
+    before = set(asyncio.all_tasks())
+    bp = RedisBackplane(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix())
+    await bp.start(Inbox())
+    await bp.subscribe("c.x")
+    proxy.pause()
+    future = bp.publish("c.x", b"1")
+    async with asyncio.timeout(1.0):
+        await bp.close()
+    with pytest.raises(BackplaneError):
+        await future
+    assert not_the_proxys(our_tasks(before)) == set()
+
+
+async def test_credentials_in_url_are_used_and_not_logged(
+    redis_server: RedisServer, raw: Any, log: pytest.LogCaptureFixture
+) -> None:
+    await raw.execute_command("ACL", "SETUSER", "bp", "on", ">s3cret", "~*", "&*", "+@all")
+    try:
+        pre = prefix()
+        url = f"redis://bp:s3cret@127.0.0.1:{redis_server.port}/0"
+        bp = RedisBackplane(url, prefix=pre)
+        inbox = Inbox()
+        await bp.start(inbox)
+        await bp.subscribe("cred")
+        await bp.publish("cred", b"1")
+        await inbox.wait_message("cred", b"1")
+        await bp.close()
+        assert all("s3cret" not in r.getMessage() for r in log.records)
+    finally:
+        await raw.execute_command("ACL", "DELUSER", "bp")
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tls_dir=tmp_path_factory.mktemp("tls"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("where", ["query", "options"])
+async def test_tls_url(tls_server: RedisServer, where: str) -> None:
+    base = f"rediss://127.0.0.1:{tls_server.tls_port}/0"
+    if where == "query":
+        bp = RedisBackplane(f"{base}?ssl_ca_certs={tls_server.cert}", prefix=prefix())
+    else:
+        bp = RedisBackplane(base, prefix=prefix(), redis_options={"ssl_ca_certs": tls_server.cert})
+    inbox = Inbox()
+    await bp.start(inbox)
+    assert bp.ready
+    await bp.subscribe("secure.>")
+    await bp.publish("secure.x", b'"tls"')
+    await inbox.wait_message("secure.x", b'"tls"')
+    await bp.close()
+
+
+async def test_tls_with_an_untrusted_certificate_is_a_logged_outage(
+    tls_server: RedisServer, log: pytest.LogCaptureFixture
+) -> None:
+    before = set(asyncio.all_tasks())
+    bp = RedisBackplane(f"rediss://127.0.0.1:{tls_server.tls_port}/0", prefix=prefix())
+    await bp.start(Inbox())  # the system's CAs do not know our self-signed certificate
+    assert not bp.ready
+    (warning,) = lines(log, logging.WARNING, "cannot connect to rediss://127.0.0.1:")
+    assert "certificate verify failed" in warning.getMessage()
+    await close_and_check(bp, before)
+
+
+async def test_a_refused_publish_fails_alone(redis_server: RedisServer, raw: Any) -> None:
+    pre = prefix()
+    await raw.execute_command(
+        "ACL", "SETUSER", "narrow", "on", ">pw", "resetchannels", f"&{pre}ok.*", "+@all", "~*"
+    )
+    try:
+        bp = RedisBackplane(f"redis://narrow:pw@127.0.0.1:{redis_server.port}/0", prefix=pre)
+        inbox = Inbox()
+        await bp.start(inbox)
+        await bp.subscribe("ok.x")
+        results = await asyncio.gather(
+            bp.publish("ok.x", b"1"),
+            bp.publish("not.allowed", b"2"),
+            bp.publish("ok.x", b"3"),
+            return_exceptions=True,
+        )
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], BackplaneError)
+        assert "NOPERM" in str(results[1]) or "permission" in str(results[1]).lower()
+        await inbox.wait_count(2)
+        assert inbox.on("ok.x") == [b"1", b"3"]
+        assert bp.ready  # a refusal is not an outage
+        await bp.close()
+    finally:
+        await raw.execute_command("ACL", "DELUSER", "narrow")
+
+
+async def test_a_refused_subscription_is_logged_not_an_outage(
+    redis_server: RedisServer, raw: Any, log: pytest.LogCaptureFixture
+) -> None:
+    # Redis checks a PSUBSCRIBE pattern literally against the user's channel rules,
+    # so "&<prefix>*" allows every channel but not the pattern "<prefix>p.*".
+    pre = prefix()
+    await raw.execute_command(
+        "ACL", "SETUSER", "exact", "on", ">pw", "resetchannels", f"&{pre}*", "+@all", "~*"
+    )
+    try:
+        bp = RedisBackplane(f"redis://exact:pw@127.0.0.1:{redis_server.port}/0", prefix=pre)
+        inbox = Inbox()
+        await bp.start(inbox)
+        await bp.subscribe("ok.x")
+        await bp.subscribe("p.*")  # refused: logged, not raised
+        await bp.subscribe("ok.y")
+        (refusal,) = lines(log, logging.WARNING, "refused PSUBSCRIBE")
+        assert f"{pre}p.*" in refusal.getMessage()
+        assert bp.ready and bp.connection_losses == 0
+
+        # After a reconnect the refused pattern does not keep the others from coming back.
+        await raw.execute_command("CLIENT", "KILL", "USER", "exact")
+        await eventually(lambda: bp.connection_losses == 1 and bp.ready, 3.0, "reconnected")
+        assert len(lines(log, logging.WARNING, "refused PSUBSCRIBE")) == 2
+        assert len(lines(log, logging.INFO, "reconnected, 2 subscriptions restored")) == 1
+        await bp.publish("ok.y", b"1")
+        await inbox.wait_message("ok.y", b"1")
+        await bp.close()
+    finally:
+        await raw.execute_command("ACL", "DELUSER", "exact")
