@@ -9,6 +9,7 @@ request bodies.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from aiohttp import web
@@ -72,7 +73,16 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     node.metrics.http_requests["metrics"] += 1
-    body = render(node.metrics, lambda: _gauges(node))
+    body = render(
+        node.metrics,
+        lambda: _gauges(node),
+        node.backplane.stats,
+        {
+            "pid": str(os.getpid()),
+            "worker": str(node.settings.worker_index),
+            "backplane": node.settings.backplane,
+        },
+    )
     return web.Response(
         body=body,
         content_type="text/plain",

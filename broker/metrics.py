@@ -35,9 +35,17 @@ class Metrics:
 
 
 class _Collector(Collector):
-    def __init__(self, metrics: Metrics, gauges: Callable[[], dict[str, float]]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        gauges: Callable[[], dict[str, float]],
+        backplane: Callable[[], dict[str, int]],
+        info: dict[str, str],
+    ) -> None:
         self._metrics = metrics
         self._gauges = gauges
+        self._backplane = backplane
+        self._info = info
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
@@ -101,6 +109,19 @@ class _Collector(Collector):
         for route, count in sorted(m.http_requests.items()):
             http.add_metric([route], count)
         yield http
+        for name, count in sorted(self._backplane().items()):
+            family = CounterMetricFamily(
+                f"broker_backplane_{name}", f"Backplane counter: {name.replace('_', ' ')}."
+            )
+            family.add_metric([], count)
+            yield family
+        info = GaugeMetricFamily(
+            "broker_process_info",
+            "This process (pid, worker index, backplane).",
+            labels=sorted(self._info),
+        )
+        info.add_metric([self._info[key] for key in sorted(self._info)], 1)
+        yield info
         for name, reading in self._gauges().items():
             gauge = GaugeMetricFamily(f"broker_{name}", _GAUGE_HELP.get(name, name))
             gauge.add_metric([], reading)
@@ -115,8 +136,14 @@ _GAUGE_HELP = {
 }
 
 
-def render(metrics: Metrics, gauges: Callable[[], dict[str, float]]) -> bytes:
-    """Return the Prometheus text exposition of ``metrics`` plus live ``gauges``."""
+def render(
+    metrics: Metrics,
+    gauges: Callable[[], dict[str, float]],
+    backplane: Callable[[], dict[str, int]] = dict,
+    info: dict[str, str] | None = None,
+) -> bytes:
+    """Return the Prometheus text exposition of ``metrics``, live ``gauges``,
+    the backplane's counters and an info metric labelled with ``info``."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(metrics, gauges))
+    registry.register(_Collector(metrics, gauges, backplane, info or {}))
     return generate_latest(registry)

@@ -113,6 +113,9 @@ class Settings(BaseModel):
         description="Bind with SO_REUSEPORT so several processes share the ports "
         "(the worker supervisor sets it).",
     )
+    worker_index: int = Field(
+        0, ge=0, description="This worker's number, for logs and metrics (the supervisor sets it)."
+    )
     uvloop: bool = Field(False, description="Run on uvloop when it is installed.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Least severe level that is logged."

@@ -35,7 +35,7 @@ def worker_environment(settings: Settings, index: int) -> dict[str, str]:
         env[ENV_PREFIX + name.upper()] = str(value)
     env[ENV_PREFIX + "WORKERS"] = "1"
     env[ENV_PREFIX + "REUSE_PORT"] = "true"
-    env["BROKER_WORKER_INDEX"] = str(index)
+    env[ENV_PREFIX + "WORKER_INDEX"] = str(index)
     return env
 
 

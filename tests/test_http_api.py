@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -352,3 +353,23 @@ async def test_every_error_code_but_forbidden_is_reachable_in_one_process() -> N
         metrics = await scrape(http, broker)
         for code in ERROR_CODES:
             assert metrics("broker_errors_total", code=code) == (code != "forbidden"), code
+
+
+class _CountingBackplane(MemoryBackplane):
+    """A memory backplane that reports counters of its own, as Redis does."""
+
+    def stats(self) -> dict[str, int]:
+        return {"connection_losses": 3}
+
+
+async def test_metrics_name_the_process_and_export_backplane_counters() -> None:
+    async with (
+        running_broker(backplane=_CountingBackplane(), worker_index=4) as broker,
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{broker.http_port}/metrics") as response,
+    ):
+        families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+    info = families["broker_process_info"].samples[0]
+    assert info.labels == {"pid": str(os.getpid()), "worker": "4", "backplane": "memory"}
+    losses = families["broker_backplane_connection_losses"].samples[0]
+    assert losses.value == 3

@@ -265,3 +265,9 @@ def test_a_setting_given_twice_in_the_file_is_an_error(tmp_path: Path) -> None:
     path.write_text("port = 1\n[listeners]\nport = 2\n")
     with pytest.raises(ConfigError, match="'port' is given twice"):
         load(path, env={})
+
+
+def test_the_configuration_reference_documents_every_setting() -> None:
+    reference = (default_config_path().parent.parent / "docs" / "configuration.md").read_text()
+    for name in Settings.model_fields:
+        assert f"| `{name}` | `BROKER_{name.upper()}` |" in reference, name

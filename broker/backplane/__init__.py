@@ -23,6 +23,8 @@ Contract, in the order a node calls it:
   backplane has taken the message, or fails with ``BackplaneError`` when it
   cannot (promptly, within about a second, never after a long retry).
 * ``ready``: whether messages can flow right now (``/readyz``).
+* ``stats()``: the backplane's own counters, exported as
+  ``broker_backplane_<name>_total`` on ``/metrics``.
 * ``await close()``: stop, release every connection and task. Idempotent.
 """
 
@@ -50,3 +52,5 @@ class Backplane(Protocol):
     async def unsubscribe(self, pattern: str) -> None: ...
 
     def publish(self, channel: str, data: bytes) -> asyncio.Future[None]: ...
+
+    def stats(self) -> dict[str, int]: ...

@@ -44,3 +44,6 @@ class MemoryBackplane:
         self._deliver(channel, data)
         future.set_result(None)
         return future
+
+    def stats(self) -> dict[str, int]:
+        return {}

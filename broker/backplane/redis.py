@@ -327,6 +327,13 @@ class RedisBackplane:
     def node_id(self) -> str:
         return self._node_id
 
+    def stats(self) -> dict[str, int]:
+        """Counters for ``/metrics``: outages, and foreign payloads dropped."""
+        return {
+            "connection_losses": self.connection_losses,
+            "dropped_messages": self.dropped_messages,
+        }
+
     @property
     def connection_losses(self) -> int:
         """How many times an established connection was lost."""
