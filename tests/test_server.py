@@ -24,6 +24,7 @@ from broker.backplane.memory import MemoryBackplane
 from broker.exceptions import BackplaneError
 from broker.frames import SERVER_FRAME
 from tests.inproc import running_broker
+from tests.tcpproxy import TcpProxy
 from tests.wait import until, within
 
 # --- helpers ------------------------------------------------------------------------
@@ -618,3 +619,20 @@ async def test_flood_of_garbage_closes_with_1008_and_the_server_carries_on() -> 
         async with connect(ws_url(broker)) as ws:
             await assert_alive(ws)
         assert broker.node.metrics.abuse_disconnects == 1
+
+
+async def test_a_dead_peer_is_dropped_by_ping_timeout() -> None:
+    async with (
+        running_broker(ping_interval=0.2, ping_timeout=0.3, close_timeout=0.3) as broker,
+        TcpProxy("127.0.0.1", broker.ws_port) as proxy,
+    ):
+        ws = await connect(f"ws://127.0.0.1:{proxy.port}/ws", ping_interval=None)
+        try:
+            await subscribe(ws, "dead.>")
+            assert len(broker.node.peers) == 1
+            proxy.pause()  # the link goes silent both ways, nothing is closed
+            await until(lambda: not broker.node.peers, timeout=5)
+            assert len(broker.node.hub.index) == 0
+        finally:
+            proxy.resume()
+            await ws.close()
