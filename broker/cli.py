@@ -104,7 +104,9 @@ def _serve(args: argparse.Namespace) -> int:
         )
     }
     config = settings.load(args.config, overrides=overrides)
-    logs.configure(config.log_level, config.log_format)
+    logs.configure(
+        config.log_level, config.log_format, config.worker_index if config.reuse_port else None
+    )
     if config.workers > 1:
         from broker.workers import supervise
 

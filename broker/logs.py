@@ -13,7 +13,15 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON object: time, level, logger, event, extras."""
+    """Formats a record as one JSON object: time, level, logger, event, pid, extras.
+
+    ``worker`` (the supervisor's worker index) is added when set, so the lines
+    of several workers sharing one stderr can be told apart.
+    """
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         event: dict[str, Any] = {
@@ -22,7 +30,10 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
+            "pid": record.process,
         }
+        if self._worker is not None:
+            event["worker"] = self._worker
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 event[key] = value
@@ -31,13 +42,16 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(event, default=str).decode()
 
 
-def configure(level: str, fmt: str) -> None:
+def configure(level: str, fmt: str, worker: int | None = None) -> None:
     """Send the broker's logs to stderr at ``level`` in ``fmt`` ('json' or 'text')."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        tag = f" worker {worker}" if worker is not None else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s [%(process)d{tag}] %(name)s: %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -321,10 +321,10 @@ class WebSocketFrontEnd:
             await node.detach(connection)
             await connection.wait_closed()
             log.info(
-                "connection closed from %s: code %s %s (%d open)",
+                "connection closed from %s: code %s%s (%d open)",
                 _peer_name(ws),
                 ws.close_code,
-                ws.close_reason or "",
+                f" {ws.close_reason}" if ws.close_reason else "",
                 len(node.peers),
             )
 

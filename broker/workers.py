@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -24,6 +26,35 @@ log = logging.getLogger("broker.workers")
 #: Extra seconds the parent waits past the workers' own shutdown deadline.
 GRACE = 5.0
 RESTART_BACKOFF_MAX = 10.0
+#: A worker failing within this many seconds of its first start is not restarted.
+FIRST_START = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGTERM if the supervisor dies.
+
+    Without it, workers of a supervisor killed with SIGKILL would go on serving
+    the port unsupervised. Elsewhere this is a no-op.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def check_ports_free(settings: Settings) -> None:
+    """Bind both ports once without SO_REUSEPORT; raise ``OSError`` if either is taken.
+
+    With SO_REUSEPORT a second supervisor on the same ports would silently
+    share the traffic; this makes it fail like a single process does.
+    """
+    for host, port in ((settings.host, settings.port), (settings.http_host, settings.http_port)):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
 
 
 def worker_environment(settings: Settings, index: int) -> dict[str, str]:
@@ -55,6 +86,7 @@ class Supervisor:
             "broker",
             "serve",
             env=worker_environment(self.settings, index),
+            preexec_fn=_die_with_parent,
         )
         self._procs[index] = proc
         log.info("worker %d started (pid %d)", index, proc.pid)
@@ -63,6 +95,7 @@ class Supervisor:
     async def _keep(self, index: int) -> None:
         """Run worker ``index``, restarting it whenever it dies unexpectedly."""
         backoff = 0.5
+        first = True
         while not self.stopping.is_set():
             started = time.monotonic()
             proc = await self._spawn(index)
@@ -70,16 +103,20 @@ class Supervisor:
             if self.stopping.is_set():
                 log.info("worker %d exited with %d", index, code)
                 return
-            if code == 2:
-                # A configuration error: restarting would fail the same way.
-                log.error("worker %d refused its configuration; stopping all", index)
+            if code == 2 or (first and code > 0 and time.monotonic() - started < FIRST_START):
+                # A configuration error, or a worker that failed by itself right
+                # after its first start (a port taken, Redis URL refused):
+                # restarting would fail the same way. Killed by a signal is a crash.
+                log.error("worker %d could not start (exit %d); stopping all", index, code)
                 self.failed = True
                 self.stopping.set()
                 return
+            first = False
             if time.monotonic() - started > 30:
                 backoff = 0.5  # it ran fine for a while: restart at once
-            log.error(
-                "worker %d (pid %d) died with %d; restarting in %.1fs",
+            log.log(
+                logging.INFO if code == 0 else logging.ERROR,
+                "worker %d (pid %d) exited with %d; restarting in %.1fs",
                 index,
                 proc.pid,
                 code,
@@ -128,4 +165,9 @@ class Supervisor:
 
 def supervise(settings: Settings) -> int:
     """Run the supervisor in its own event loop; returns the exit status."""
+    try:
+        check_ports_free(settings)
+    except OSError as exc:
+        print(f"broker: cannot serve: {exc}", file=sys.stderr)
+        return 1
     return asyncio.run(Supervisor(settings).run())
