@@ -13,7 +13,7 @@ backplane took the message is known later, so the node answers those.
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass
 
 from broker import codec
@@ -103,6 +103,8 @@ class Limits:
 class Session:
     """The protocol state of one connection."""
 
+    __slots__ = ("_errors", "_last", "_tokens", "closed", "limits", "request_id", "subscriptions")
+
     def __init__(self, limits: Limits, now: float = 0.0) -> None:
         self.limits = limits
         #: Patterns (and channels) this connection subscribed to, as given.
@@ -113,7 +115,9 @@ class Session:
         self.request_id: RequestId = None
         self._tokens = float(limits.rate_burst)
         self._last = now
-        self._errors: deque[float] = deque()
+        # Times of recent errors; a list (an empty deque costs 760 bytes), at
+        # most error_limit + 1 long.
+        self._errors: list[float] = []
 
     def receive(self, raw: bytes | str, *, text: bool, now: float) -> list[Effect]:
         """Handle one client frame received at time ``now`` (seconds, monotonic)."""
@@ -154,8 +158,8 @@ class Session:
         errors = self._errors
         errors.append(now)
         horizon = now - self.limits.error_window
-        while errors and errors[0] < horizon:
-            errors.popleft()
+        if errors[0] < horizon:
+            del errors[: bisect.bisect_left(errors, horizon)]
         if len(errors) > self.limits.error_limit:
             self.closed = True
             effects.append(Close(*ABUSE_CLOSE))
