@@ -1,0 +1,1 @@
+"""Benchmark suite: broker vs a minimal websockets baseline (see bench/README.md)."""
