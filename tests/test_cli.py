@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import orjson
 import pytest
@@ -101,32 +102,27 @@ async def test_publish_and_subscribe_commands_across_a_restart() -> None:
     try:
         assert sub.stdout is not None and sub.stderr is not None
 
-        async def publish(data: str) -> subprocess.CompletedProcess[str]:
-            return await asyncio.to_thread(
-                run_cli, "publish", "cli.a", data, "--url", broker.ws_url
-            )
+        async def publish_until_printed(key: str) -> Any:
+            """Publish with the CLI until the subscriber prints a line (it may not
+            have (re)subscribed yet); return that line, parsed."""
+            line = asyncio.create_task(sub.stdout.readline())
+            for attempt in range(50):
+                published = await asyncio.to_thread(
+                    run_cli, "publish", "cli.a", f'{{"{key}": {attempt}}}', "--url", broker.ws_url
+                )
+                assert published.returncode == 0, published.stderr
+                done, _ = await asyncio.wait({line}, timeout=0.2)
+                if done:
+                    break
+            return orjson.loads(await within(line))
 
-        # The subscriber may not have subscribed yet: publish until one line arrives.
-        first = asyncio.create_task(sub.stdout.readline())
-        for attempt in range(50):
-            assert (await publish(f'{{"n": {attempt}}}')).returncode == 0
-            done, _ = await asyncio.wait({first}, timeout=0.2)
-            if done:
-                break
-        line = orjson.loads(await within(first))
-        assert line["channel"] == "cli.a" and "n" in line["data"]
-
+        first = await publish_until_printed("n")
+        assert first["channel"] == "cli.a" and "n" in first["data"]
         await broker.arestart(kill=True)
         # Across the restart, `broker subscribe` reconnects and says a gap may exist.
         warning = await within(sub.stderr.readline(), 20)
         assert b"reconnected" in warning
-        second = asyncio.create_task(sub.stdout.readline())
-        for attempt in range(50):
-            assert (await publish(f'{{"after": {attempt}}}')).returncode == 0
-            done, _ = await asyncio.wait({second}, timeout=0.2)
-            if done:
-                break
-        assert "after" in orjson.loads(await within(second))["data"]
+        assert "after" in (await publish_until_printed("after"))["data"]
         assert await within(sub.wait(), 10) == 0  # --count 2 reached
     finally:
         if sub.returncode is None:
