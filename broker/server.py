@@ -335,14 +335,15 @@ class WebSocketFrontEnd:
             )
 
 
-_GET_ROUTES = {"/healthz", "/client/broker.js", "/client/broker.d.ts", "/demo", "/demo/"}
-
 _STATIC_ROUTES: dict[str, tuple[str, str]] = {
     "/client/broker.js": ("broker.js", "text/javascript; charset=utf-8"),
     "/client/broker.d.ts": ("broker.d.ts", "application/typescript; charset=utf-8"),
     "/demo": ("demo.html", "text/html; charset=utf-8"),
     "/demo/": ("demo.html", "text/html; charset=utf-8"),
 }
+
+#: Every plain-HTTP path of the WebSocket port (other methods on them get 405).
+_GET_ROUTES = {"/healthz", *_STATIC_ROUTES}
 
 
 def _peer_name(ws: ServerConnection) -> str:
