@@ -181,7 +181,15 @@ async def throughput(
         "median_read_period_ms": (round(1000 * sorted(periods)[len(periods) // 2], 1)
                                   if periods else None),
         **cpu,
+        # Server CPU per delivered message, split: steadier than throughput when
+        # the machine is noisy, and the user part is what the broker's code costs.
+        "server_us_per_delivery": _per(cpu["server_cpu_s"], delivered),
+        "server_user_us_per_delivery": _per(cpu["server_user_s"], delivered),
     }
+
+
+def _per(seconds: float, count: int) -> float | None:
+    return round(1e6 * seconds / count, 2) if count else None
 
 
 @dataclass

@@ -16,13 +16,18 @@ from dataclasses import dataclass, field
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """Return the CPU seconds (user + system) a process has used so far."""
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """Return the (user, system) CPU seconds a process has used so far."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         raw = f.read()
     # The command name may hold spaces; fields after the closing ')' are fixed.
     fields = raw[raw.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """Return the CPU seconds (user + system) a process has used so far."""
+    return sum(proc_cpu_split(pid))
 
 
 def proc_rss_kib(pid: int) -> int:
@@ -55,6 +60,7 @@ class Probe:
     loadgen_core: int = 1
     _t0: float = 0.0
     _srv0: float = 0.0
+    _srv_user0: float = 0.0
     _lg0: float = 0.0
     _aux0: dict[str, float] = field(default_factory=dict)
     _cores0: dict[int, list[int]] = field(default_factory=dict)
@@ -67,7 +73,9 @@ class Probe:
     def start(self) -> None:
         """Open the measurement window."""
         self._t0 = time.perf_counter()
-        self._srv0 = sum(proc_cpu_seconds(p) for p in self.server_pids)
+        splits = [proc_cpu_split(p) for p in self.server_pids]
+        self._srv0 = sum(u + s for u, s in splits)
+        self._srv_user0 = sum(u for u, _ in splits)
         self._lg0 = time.process_time()
         self._aux0 = {k: proc_cpu_seconds(p) for k, p in self.aux_pids.items()}
         self._cores0 = core_times()
@@ -75,7 +83,9 @@ class Probe:
     def stop(self) -> dict[str, float]:
         """Close the window; return CPU percentages (100 = one core) over it."""
         wall = time.perf_counter() - self._t0
-        srv = sum(proc_cpu_seconds(p) for p in self.server_pids) - self._srv0
+        splits = [proc_cpu_split(p) for p in self.server_pids]
+        srv = sum(u + s for u, s in splits) - self._srv0
+        srv_user = sum(u for u, _ in splits) - self._srv_user0
         lg = time.process_time() - self._lg0
         cores1 = core_times()
 
@@ -91,6 +101,10 @@ class Probe:
         self.result = {
             "wall_s": round(wall, 3),
             "server_cpu_pct": round(100.0 * srv / wall, 1),
+            # CPU seconds, not shares: divided by work done they give a cost per
+            # message that does not depend on how busy the machine was.
+            "server_cpu_s": round(srv, 3),
+            "server_user_s": round(srv_user, 3),
             "loadgen_cpu_pct": round(100.0 * lg / wall, 1),
             "server_core_busy_pct": round(busy(self.server_core), 1),
             "loadgen_core_busy_pct": round(busy(self.loadgen_core), 1),

@@ -420,7 +420,8 @@ def headline(scenario: str, r: dict[str, Any]) -> str:
     return (f"{r['deliveries_per_s']:,}/s lost={r['lost']} srv={r['server_cpu_pct']}% "
             f"srv-core={r['server_core_busy_pct']}% (softirq {r['server_core_softirq_pct']}%, "
             f"steal {r['server_core_steal_pct']}%) lg={r['loadgen_cpu_pct']}% "
-            f"lg-core={r['loadgen_core_busy_pct']}% other={r['other_cpu_pct']}%")
+            f"lg-core={r['loadgen_core_busy_pct']}% other={r['other_cpu_pct']}% "
+            f"srv-us/msg={r['server_us_per_delivery']} (user {r['server_user_us_per_delivery']})")
 
 
 # --------------------------------------------------------------------------- report
