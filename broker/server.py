@@ -13,12 +13,23 @@ with 1013 and nothing else is affected.
 Messages are framed once by the hub (server frames are unmasked, so the bytes
 are the same for every connection). A connection that negotiated compression
 cannot share them and frames its own through ``websockets``.
+
+The write itself skips asyncio's ``transport.write`` while that is safe: when
+the transport's buffer is empty, the outbox calls the socket's ``send``
+directly, and only what the kernel did not take goes to the transport, which
+then keeps it in order. Fan-out is one small write per connection, so the
+Python around each system call is most of what the broker itself costs. Every
+write ``websockets`` makes and every change of its state passes through
+``BrokerConnection.send_data`` or ``connection_lost``, which tell the outbox
+(``Connection.sync``); the outbox therefore knows, without asking on every
+write, whether the transport holds bytes and whether the connection is open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -58,6 +69,22 @@ class BrokerConnection(ServerConnection):
         # this holds at most max_queue entries.
         self.opcodes: list[Opcode] = []
         self._sniffed = False
+        #: The broker's writer for this connection, once the handshake is done.
+        self.outbox: Connection | None = None
+
+    def send_data(self) -> None:
+        # websockets writes (handshake, pongs, pings, the close frame) and changes
+        # state only on paths that end here or in connection_lost.
+        try:
+            super().send_data()
+        finally:
+            if self.outbox is not None:
+                self.outbox.sync()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.outbox is not None:
+            self.outbox.sync()
 
     def data_received(self, data: bytes) -> None:
         # websockets only parses bodiless GET requests and drops anything else
@@ -128,8 +155,8 @@ class Connection:
     """One client connection: its session, its outbox, and how it closes."""
 
     __slots__ = (
-        "_buffered", "_cap", "_closer", "_closing", "_compressed", "_dirty", "_flusher",
-        "_frames", "_metrics", "_queued", "_transport", "session", "ws",
+        "_buffered", "_cap", "_closer", "_closing", "_compressed", "_flusher", "_frames",
+        "_metrics", "_open", "_queued", "_send", "_transport", "session", "ws",
     )  # fmt: skip
 
     def __init__(
@@ -147,52 +174,74 @@ class Connection:
         self._cap = settings.max_backlog_bytes
         self._transport = ws.transport
         self._compressed = bool(ws.protocol.extensions)
+        self._send = None if self._compressed else _direct_send(self._transport)
         self._frames: list[bytes] = []
-        self._queued = 0
-        self._buffered = 0
-        self._dirty = False
+        self._queued = 0  # bytes in _frames
+        self._buffered = 0  # bytes in the transport's buffer, as of the last look
+        self._open = True  # websockets' state is OPEN, as of the last look
         self._closing = False
         self._closer: asyncio.Task[None] | None = None
+        self.sync()
+        ws.outbox = self
 
     def deliver(self, payload: bytes, wire: bytes) -> None:
         """Queue a message; never blocks (see ``Subscriber``)."""
         if self._closing:
             return
-        self._frames.append(payload if self._compressed else wire)
+        frames = self._frames
+        frames.append(payload if self._compressed else wire)
         self._queued += len(wire)
         if self._queued + self._buffered > self._cap and self._over_cap():
             return
-        if not self._dirty:
-            self._dirty = True
+        if len(frames) == 1:
             self._flusher.mark(self)
 
     def send(self, payload: bytes) -> None:
         """Queue a reply, in order with messages."""
         self.deliver(payload, payload if self._compressed else text_frame(payload))
 
+    def sync(self) -> None:
+        """Look again at the transport's buffer and the connection's state.
+
+        Called whenever ``websockets`` may have written or changed state, and
+        after every write of ours that did not go straight to the socket.
+        """
+        self._open = self.ws.protocol.state is _OPEN
+        self._buffered = self._transport.get_write_buffer_size()
+
     def flush(self) -> None:
         """Write what is queued with one call. Called by the flusher."""
-        self._dirty = False
         frames = self._frames
         if not frames:
             return
         self._frames = []
         self._queued = 0
-        ws = self.ws
-        if ws.protocol.state is not _OPEN:
+        if not self._open:
             return  # closing: the peer will not read these any more
         try:
             if self._compressed:
                 for payload in frames:
-                    ws.protocol.send_text(payload)
-                ws.send_data()
+                    self.ws.protocol.send_text(payload)
+                self.ws.send_data()  # syncs
             else:
-                self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+                data = frames[0] if len(frames) == 1 else b"".join(frames)
+                send = self._send
+                if send is not None and not self._buffered:
+                    try:
+                        sent = send(data)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError:
+                        sent = 0  # the transport meets it again below and closes
+                    if sent == len(data):
+                        return
+                    data = data[sent:]
+                self._transport.write(data)
+                self._buffered = self._transport.get_write_buffer_size()
         except Exception:
             log.exception("write failed; closing the connection")
             self.close(1011, "write failed")
             return
-        self._buffered = self._transport.get_write_buffer_size()
         if self._buffered > self._cap:
             self._over_cap()
 
@@ -326,6 +375,7 @@ class WebSocketFrontEnd:
         finally:
             await node.detach(connection)
             await connection.wait_closed()
+            ws.outbox = None  # no cycle left for the garbage collector
             log.info(
                 "connection closed from %s: code %s%s (%d open)",
                 _peer_name(ws),
@@ -344,6 +394,20 @@ _STATIC_ROUTES: dict[str, tuple[str, str]] = {
 
 #: Every plain-HTTP path of the WebSocket port (other methods on them get 405).
 _GET_ROUTES = {"/healthz", *_STATIC_ROUTES}
+
+
+def _direct_send(transport: asyncio.BaseTransport) -> Callable[[bytes], int] | None:
+    """Return the socket's ``send`` if ``transport`` is asyncio's plain socket transport.
+
+    Only there is it known that the transport writes nothing of its own and
+    holds back only what is in its buffer. Other transports (uvloop's, TLS)
+    are always written through ``transport.write``.
+    """
+    if type(transport).__module__ != "asyncio.selector_events":
+        return None
+    sock = getattr(transport, "_sock", None)
+    send = getattr(sock, "send", None)
+    return send if callable(send) else None
 
 
 def _peer_name(ws: ServerConnection) -> str:
