@@ -32,7 +32,7 @@ import time
 import traceback
 import urllib.parse
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,8 @@ class Ctx:
     redis_pid: int | None
     results: dict[str, dict[str, Any]]
     failures: list[str]
+    #: Every round's result, per scenario and server, in round order.
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
     @property
     def core(self) -> int | None:
@@ -359,7 +361,7 @@ async def measure(ctx: Ctx, scenario: str, server: str) -> None:
                 exc = exc.exceptions[0]
         msg = f"{key}: {type(exc).__name__}: {exc}"
         ctx.failures.append(msg)
-        ctx.results.setdefault(scenario, {})[server] = {"error": msg}
+        ctx.runs.setdefault(scenario, {}).setdefault(server, []).append({"error": msg})
         print(f" FAILED ({msg.splitlines()[0]})")
         if a.verbose:
             traceback.print_exc()
@@ -367,7 +369,7 @@ async def measure(ctx: Ctx, scenario: str, server: str) -> None:
     r = min(attempts, key=lambda x: x.get("other_cpu_pct", 0.0))
     r["attempts"] = len(attempts)
     r["noisy"] = r.get("other_cpu_pct", 0.0) > a.noise_threshold
-    ctx.results.setdefault(scenario, {})[server] = r
+    ctx.runs.setdefault(scenario, {}).setdefault(server, []).append(r)
     ctx.failures.extend(functional_failures(key, r))
     print(f" {time.perf_counter() - t0:.1f}s {headline(scenario, r)}")
 
@@ -456,6 +458,50 @@ def ratio(a: Any, b: Any) -> float | None:
     return round(a / b, 2)
 
 
+def main_metric(scenario: str) -> str:
+    """The figure a scenario's rounds are ranked by."""
+    return {"latency": "p99_ms", "memory": "kib_per_conn"}.get(scenario, "deliveries_per_s")
+
+
+def pick_median(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the round with the median main figure, carrying every round's figures.
+
+    A round that failed stands for the whole: a broker that fails once, fails.
+    """
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    key = main_metric(scenario)
+    ranked = sorted(runs, key=lambda r: r.get(key) or 0)
+    median = dict(ranked[(len(ranked) - 1) // 2])
+    metrics = ["p50_ms", "p99_ms", "max_ms"] if scenario == "latency" else [key]
+    median["rounds"] = {m: [r.get(m) for r in runs] for m in metrics}
+    return median
+
+
+def median_value(r: dict[str, Any], metric: str) -> Any:
+    """The median of a figure over the rounds (the lower middle for an even count)."""
+    values = sorted(v for v in r.get("rounds", {}).get(metric, []) if isinstance(v, int | float))
+    return values[(len(values) - 1) // 2] if values else r.get(metric)
+
+
+def paired_ratio(b: dict[str, Any], base: dict[str, Any], metric: str) -> float | None:
+    """The median over rounds of the ratio within each round (server / baseline).
+
+    Pairing the two servers of one round cancels slow drifts of the machine
+    (the kernel's cost per send() moves by ±10 % over minutes on this VM); the
+    median keeps one odd round from deciding. With one round it is the ratio.
+    """
+    pairs = list(zip(b.get("rounds", {}).get(metric, []),
+                     base.get("rounds", {}).get(metric, []), strict=False))
+    ratios = [r for r in (ratio(x, y) for x, y in pairs) if r is not None]
+    if len(ratios) < 2:
+        return ratio(b.get(metric), base.get(metric))
+    ratios.sort()
+    mid = len(ratios) // 2
+    return round(ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2, 2)
+
+
 def summarize(ctx: Ctx) -> list[dict[str, Any]]:
     """Build the table rows: broker value, reference value, ratio, target."""
     rows: list[dict[str, Any]] = []
@@ -468,14 +514,15 @@ def summarize(ctx: Ctx) -> list[dict[str, Any]]:
             b, base = res[scen].get(peer, {}), res[scen].get("baseline", {})
             metrics = [metric] if scen != "latency" else ["p50_ms", "p99_ms", "max_ms"]
             for m in metrics:
-                rt = ratio(b.get(m), base.get(m))
+                rt = paired_ratio(res[scen].get(peer, {}), res[scen].get("baseline", {}), m)
                 has_target = m == metric and peer == "broker"
                 met = None
                 if has_target and rt is not None:
                     met = rt >= target if sense == "min" else rt <= target
                 rows.append({
                     "scenario": scen, "server": peer, "metric": m, "unit": unit,
-                    "value": b.get(m), "reference": "baseline", "reference_value": base.get(m),
+                    "value": median_value(b, m), "reference": "baseline",
+                    "reference_value": median_value(base, m),
                     "ratio": rt, "target": (f"{'≥' if sense == 'min' else '≤'}{target}"
                                             if has_target else ""),
                     "met": met,
@@ -542,7 +589,7 @@ SMOKE = {
     "subscribers": 50, "duration": 1.0, "max_messages": 300, "channels": 20,
     "subs_per_channel": 3, "latency_subscribers": 10, "latency_duration": 1.0,
     "latency_warmup": 0.2, "connections": 200, "drain_timeout": 10.0,
-    "retries": 0, "quiet_wait": 0.0,
+    "retries": 0, "quiet_wait": 0.0, "rounds": 1,
 }
 
 
@@ -599,6 +646,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU %% at which a side counts as saturated")
     g.add_argument("--noise-threshold", type=float, default=15.0,
                    help="CPU %% taken by other processes above which a measurement is redone")
+    g.add_argument("--rounds", type=int, default=3,
+                   help="measure every server this many times, alternating the order; "
+                        "figures are medians, ratios the median of each round's ratio")
     g.add_argument("--retries", type=int, default=2, help="repeats of a noisy measurement")
     g.add_argument("--quiet-wait", type=float, default=30.0,
                    help="seconds to wait for an idle machine before each measurement")
@@ -615,6 +665,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = set(args.scenarios.split(",")) - set(SCENARIOS)
     if bad:
         p.error(f"unknown scenarios: {','.join(sorted(bad))}")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     return args
 
 
@@ -650,8 +702,13 @@ async def run(args: argparse.Namespace) -> int:
     print(f"bench: {'SMOKE ' if args.smoke else ''}scenarios {','.join(scen)}; {pinned}")
     for s in scen:
         peers = ["broker-redis", "broker-redis-2proc"] if s == "redis" else list(templates)
+        for k in range(args.rounds):
+            # Alternate the order, so that neither side always runs first (on a
+            # machine just left warm, or cold) in every round.
+            for peer in peers if k % 2 == 0 else peers[::-1]:
+                await measure(ctx, s, peer)
         for peer in peers:
-            await measure(ctx, s, peer)
+            ctx.results.setdefault(s, {})[peer] = pick_median(s, ctx.runs[s][peer])
 
     rows = summarize(ctx)
     md = table(rows)
