@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from broker.server import BrokerConnection, Connection, Flusher
 from broker.session import Limits, Session
 from broker.settings import Settings
 from broker.wsframe import text_frame
+from tests.wait import until
 
 
 @dataclass
@@ -240,3 +242,23 @@ async def test_websockets_writes_and_state_changes_reach_the_outbox() -> None:
         transport.abort()
         peer.close()
         await asyncio.sleep(0)
+
+
+async def test_a_broker_connection_costs_no_more_dict_than_a_plain_one() -> None:
+    """Our per-connection state lives in slots, so websockets' instance dict keeps
+    sharing its keys; one extra instance attribute once cost 1.3 KiB per connection."""
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import ServerConnection, serve
+
+    sizes: dict[str, int] = {}
+
+    async def handler(ws: ServerConnection) -> None:
+        sizes[type(ws).__name__] = sys.getsizeof(ws.__dict__)
+        await ws.wait_closed()
+
+    for factory in (ServerConnection, BrokerConnection):
+        async with serve(handler, "127.0.0.1", 0, create_connection=factory) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with connect(f"ws://127.0.0.1:{port}"):
+                await until(lambda name=factory.__name__: name in sizes)
+    assert sizes["BrokerConnection"] <= sizes["ServerConnection"], sizes
