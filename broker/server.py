@@ -219,17 +219,22 @@ class Connection:
         frames = self._frames
         if not frames:
             return
-        self._frames = []
         self._queued = 0
         if not self._open:
+            frames.clear()
             return  # closing: the peer will not read these any more
         try:
             if self._compressed:
-                for payload in frames:
+                payloads = frames.copy()
+                frames.clear()
+                for payload in payloads:
                     self.ws.protocol.send_text(payload)
                 self.ws.send_data()  # syncs
             else:
                 data = frames[0] if len(frames) == 1 else b"".join(frames)
+                # Emptied, not replaced: a new list per write is a garbage-collected
+                # object made and freed per delivery.
+                frames.clear()
                 send = self._send
                 if send is not None and not self._buffered:
                     try:
@@ -271,7 +276,7 @@ class Connection:
         backlog = self._queued + self._buffered
         if backlog <= self._cap:
             return False
-        self._frames = []
+        self._frames.clear()
         self._queued = 0
         self._metrics.slow_consumer_disconnects += 1
         log.warning(
