@@ -76,14 +76,20 @@ class Pair:
         return bytes(out)
 
 
-@pytest.fixture
-async def pair() -> AsyncIterator[Pair]:
-    """A ``Connection`` on one end of a socket pair with small kernel buffers."""
+def small_socket_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected non-blocking sockets whose kernel buffers fill after a few KiB."""
     ours, peer = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     ours.setblocking(False)
     peer.setblocking(False)
+    return ours, peer
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    """A ``Connection`` on one end of a socket pair with small kernel buffers."""
+    ours, peer = small_socket_pair()
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
     ws = StubWebSocket(transport)
@@ -202,11 +208,7 @@ class StubServer:
 
 async def test_websockets_writes_and_state_changes_reach_the_outbox() -> None:
     """``BrokerConnection`` tells the outbox whenever websockets wrote or changed state."""
-    ours, peer = socket.socketpair()
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    ours.setblocking(False)
-    peer.setblocking(False)
+    ours, peer = small_socket_pair()
     loop = asyncio.get_running_loop()
     ws = BrokerConnection(ServerProtocol(state=State.OPEN), StubServer())  # type: ignore[arg-type]
     transport, _ = await loop.create_connection(lambda: ws, sock=ours)
