@@ -208,8 +208,9 @@ class Connection:
     def sync(self) -> None:
         """Look again at the transport's buffer and the connection's state.
 
-        Called whenever ``websockets`` may have written or changed state, and
-        after every write of ours that did not go straight to the socket.
+        Called whenever ``websockets`` may have written or changed state; a
+        write of ours that did not go straight to the socket re-reads the
+        buffer itself (``flush``), as the state cannot have changed.
         """
         self._open = self.ws.protocol.state is _OPEN
         self._buffered = self._transport.get_write_buffer_size()

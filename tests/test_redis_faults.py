@@ -18,6 +18,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -278,13 +279,23 @@ async def test_close_during_outage_is_prompt(proxy: TcpProxy) -> None:
     assert not_the_proxys(our_tasks(before)) == set()
 
 
+@asynccontextmanager
+async def redis_user(
+    raw: Any, server: RedisServer, name: str, password: str, *rules: str
+) -> AsyncIterator[str]:
+    """An ACL user with ``rules`` for the block; yields a URL that logs in as it."""
+    await raw.execute_command("ACL", "SETUSER", name, "on", f">{password}", *rules)
+    try:
+        yield f"redis://{name}:{password}@127.0.0.1:{server.port}/0"
+    finally:
+        await raw.execute_command("ACL", "DELUSER", name)
+
+
 async def test_credentials_in_url_are_used_and_not_logged(
     redis_server: RedisServer, raw: Any, log: pytest.LogCaptureFixture
 ) -> None:
-    await raw.execute_command("ACL", "SETUSER", "bp", "on", ">s3cret", "~*", "&*", "+@all")
-    try:
+    async with redis_user(raw, redis_server, "bp", "s3cret", "~*", "&*", "+@all") as url:
         pre = prefix()
-        url = f"redis://bp:s3cret@127.0.0.1:{redis_server.port}/0"
         bp = RedisBackplane(url, prefix=pre)
         inbox = Inbox()
         await bp.start(inbox)
@@ -293,8 +304,6 @@ async def test_credentials_in_url_are_used_and_not_logged(
         await inbox.wait_message("cred", b"1")
         await bp.close()
         assert all("s3cret" not in r.getMessage() for r in log.records)
-    finally:
-        await raw.execute_command("ACL", "DELUSER", "bp")
 
 
 @pytest.fixture(scope="module")
@@ -337,11 +346,9 @@ async def test_tls_with_an_untrusted_certificate_is_a_logged_outage(
 
 async def test_a_refused_publish_fails_alone(redis_server: RedisServer, raw: Any) -> None:
     pre = prefix()
-    await raw.execute_command(
-        "ACL", "SETUSER", "narrow", "on", ">pw", "resetchannels", f"&{pre}ok.*", "+@all", "~*"
-    )
-    try:
-        bp = RedisBackplane(f"redis://narrow:pw@127.0.0.1:{redis_server.port}/0", prefix=pre)
+    rules = ("resetchannels", f"&{pre}ok.*", "+@all", "~*")
+    async with redis_user(raw, redis_server, "narrow", "pw", *rules) as url:
+        bp = RedisBackplane(url, prefix=pre)
         inbox = Inbox()
         await bp.start(inbox)
         await bp.subscribe("ok.x")
@@ -358,8 +365,6 @@ async def test_a_refused_publish_fails_alone(redis_server: RedisServer, raw: Any
         assert inbox.on("ok.x") == [b"1", b"3"]
         assert bp.ready  # a refusal is not an outage
         await bp.close()
-    finally:
-        await raw.execute_command("ACL", "DELUSER", "narrow")
 
 
 async def test_a_refused_subscription_is_logged_not_an_outage(
@@ -368,11 +373,9 @@ async def test_a_refused_subscription_is_logged_not_an_outage(
     # Redis checks a PSUBSCRIBE pattern literally against the user's channel rules,
     # so "&<prefix>*" allows every channel but not the pattern "<prefix>p.*".
     pre = prefix()
-    await raw.execute_command(
-        "ACL", "SETUSER", "exact", "on", ">pw", "resetchannels", f"&{pre}*", "+@all", "~*"
-    )
-    try:
-        bp = RedisBackplane(f"redis://exact:pw@127.0.0.1:{redis_server.port}/0", prefix=pre)
+    rules = ("resetchannels", f"&{pre}*", "+@all", "~*")
+    async with redis_user(raw, redis_server, "exact", "pw", *rules) as url:
+        bp = RedisBackplane(url, prefix=pre)
         inbox = Inbox()
         await bp.start(inbox)
         await bp.subscribe("ok.x")
@@ -390,5 +393,3 @@ async def test_a_refused_subscription_is_logged_not_an_outage(
         await bp.publish("ok.y", b"1")
         await inbox.wait_message("ok.y", b"1")
         await bp.close()
-    finally:
-        await raw.execute_command("ACL", "DELUSER", "exact")
