@@ -46,10 +46,30 @@ from typing import Any
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from bench.dialects import BenchError, Dialect, JsonDialect, SocketIODialect
+from bench.dialects import (
+    AuthJsonDialect,
+    BenchError,
+    Dialect,
+    JsonDialect,
+    SocketIODialect,
+    mint_tokens,
+)
 
-__all__ = ["BenchError", "Conn", "Dialect", "Fleet", "JsonDialect", "Publisher", "RawSub",
-           "SocketIODialect", "connect", "connect_raw"]
+__all__ = [
+    "AuthJsonDialect",
+    "BenchError",
+    "Conn",
+    "Dialect",
+    "Fleet",
+    "JsonDialect",
+    "Publisher",
+    "RawSub",
+    "SocketIODialect",
+    "connect",
+    "connect_raw",
+    "mint_tokens",
+    "split_frames",
+]
 
 # Every published message carries MARKER exactly once, inside its data, which
 # servers relay verbatim; counting subscribers count MARKER occurrences (see RawSub).
@@ -96,7 +116,8 @@ class Inbox:
         self.send(payload)
         while True:
             rep = self.dialect.reply(await self.recv())
-            if rep is not None and rep[0] == req_id:
+            # An id of None answers whatever was asked last (NATS's PONG carries none).
+            if rep is not None and (rep[0] == req_id or rep[0] is None):
                 if rep[1] is not None:
                     raise BenchError(f"request {req_id} failed: {rep[1]}")
                 return
@@ -138,7 +159,7 @@ class Conn(WSListener, Inbox):  # type: ignore[misc]
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         now = time.perf_counter_ns()
-        if frame.msg_type != WSMsgType.TEXT:
+        if frame.msg_type != WSMsgType.TEXT and frame.msg_type != WSMsgType.BINARY:
             return  # picows answers pings itself; a close ends in on_ws_disconnected
         payload = frame.get_payload_as_bytes()
         if len(payload) < 4 and self.dialect.control(self, payload):
@@ -155,12 +176,12 @@ class Conn(WSListener, Inbox):  # type: ignore[misc]
     def latencies(self, first_seq: int) -> list[int]:
         """Return the latencies (ns) of messages from ``first_seq`` on; drop non-messages."""
         out = []
+        many = getattr(self.dialect, "messages_data", None)  # several messages per frame
         for t, payload in self.received:
-            data = self.dialect.message_data(payload)
-            if data is None:
-                self.count -= 1
-            elif data["seq"] >= first_seq:
-                out.append(t - data["ts"])
+            datas = many(payload) if many is not None else [self.dialect.message_data(payload)]
+            datas = [d for d in datas if d is not None]
+            self.count += len(datas) - 1
+            out.extend(t - d["ts"] for d in datas if d["seq"] >= first_seq)
         return out
 
     def send(self, payload: bytes) -> None:
@@ -184,13 +205,21 @@ async def connect(dialect: Dialect, url: str) -> Conn:
         # aiofastnet's pause/resume go through loop.add_reader in Python; uvloop's own
         # transport is cheaper for us.
         use_aiofastnet=False,
+        extra_headers=dialect.headers() or None,
     )
     await dialect.handshake(conn)
     return conn  # type: ignore[no-any-return]
 
 
 class RawSub(asyncio.Protocol, Inbox):
-    """A minimal WebSocket client that counts text frames without a call per frame."""
+    """A minimal WebSocket client that counts text frames without a call per frame.
+
+    Modes: ``"setup"`` parses every frame into the inbox; ``"count"`` counts
+    markers (see the module docstring); ``"record"`` counts markers too, keeps
+    every byte read for an exact check afterwards (``split_frames``), and
+    notes when the count first reached ``expected`` (``done_at``): the
+    recovery scenario's catch-up time, without parsing while it is measured.
+    """
 
     def __init__(self, dialect: Dialect, fleet: Fleet, host: str, path: str) -> None:
         self._init_inbox()
@@ -202,6 +231,8 @@ class RawSub(asyncio.Protocol, Inbox):
         self.paused_at = 0.0
         self.expected = 0
         self.closed = False
+        self.done_at = 0.0  # record mode: perf_counter() when count reached expected
+        self.chunks: list[bytes] = []  # record mode: everything read
         self.transport: asyncio.Transport | None = None
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._buf = b""
@@ -211,10 +242,11 @@ class RawSub(asyncio.Protocol, Inbox):
         self._upgraded = False
         key = base64.b64encode(os.urandom(16))
         self._accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        extra = "".join(f"{k}: {v}\r\n" for k, v in dialect.headers().items())
         self._request = (
             f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
         ).encode()
 
     # -- asyncio callbacks
@@ -230,6 +262,12 @@ class RawSub(asyncio.Protocol, Inbox):
         self._wake()
 
     def data_received(self, data: bytes) -> None:
+        if self.mode == "record":
+            self.chunks.append(data)
+            self._count(data)
+            if not self.done_at and self.count >= self.expected:
+                self.done_at = time.perf_counter()
+            return
         if self.mode == "count":
             self._count(data)
             fleet = self.fleet
@@ -264,7 +302,7 @@ class RawSub(asyncio.Protocol, Inbox):
         seam = self._seam
         count = data.count(MARKER)
         if seam:
-            count += (seam + data[: MARKER_SEAM]).count(MARKER)
+            count += (seam + data[:MARKER_SEAM]).count(MARKER)
         self.count += count
         if len(data) >= MARKER_SEAM:
             self._seam = data[-MARKER_SEAM:]
@@ -323,7 +361,7 @@ class RawSub(asyncio.Protocol, Inbox):
         if not b0 & 0x80:
             self._fail("fragmented frames are not expected from these servers")
             return 0
-        if opcode == 0x1:
+        if opcode == 0x1 or opcode == 0x2:  # NATS sends its protocol in binary frames
             if len(payload) < 4 and self.dialect.control(self, payload):
                 return 0
             return 1
@@ -369,6 +407,26 @@ class RawSub(asyncio.Protocol, Inbox):
             self.transport.abort()
 
 
+def split_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Split server-to-client WebSocket bytes into ``(opcode, payload)``; a cut tail is dropped.
+
+    For checks after a measurement (record mode), where speed does not matter.
+    """
+    out = []
+    n, pos = len(data), 0
+    while pos + 2 <= n:
+        b1 = data[pos + 1] & 0x7F
+        hdr = 2 if b1 < 126 else 4 if b1 == 126 else 10
+        if pos + hdr > n:
+            break
+        size = b1 if b1 < 126 else int.from_bytes(data[pos + 2 : pos + hdr], "big")
+        if pos + hdr + size > n:
+            break
+        out.append((data[pos] & 0x0F, data[pos + hdr : pos + hdr + size]))
+        pos += hdr + size
+    return out
+
+
 async def connect_raw(dialect: Dialect, url: str, fleet: Fleet, timeout_s: float = 10.0) -> RawSub:
     """Open one ``RawSub`` and run the dialect's handshake."""
     u = urllib.parse.urlparse(dialect.url(url))
@@ -409,13 +467,16 @@ class Fleet:
     async def open(
         self,
         urls: Sequence[str],
-        channels: Callable[[int], str],
+        channels: Callable[[int], str | Sequence[str]],
         n: int,
         concurrency: int = 200,
         timeout_s: float = 180.0,
         picows: bool = False,
     ) -> None:
         """Connect ``n`` subscribers round-robin over ``urls``; ``i`` subscribes to ``channels(i)``.
+
+        ``channels(i)`` is one channel, or several (a packed connection), each
+        subscribed in turn with request ids 1, 2, ...
 
         At most ``concurrency`` handshakes are in progress at once, so 5,000
         connections do not reach the server as one burst of SYNs.
@@ -426,10 +487,13 @@ class Fleet:
         async def one(i: int) -> None:
             async with sem:
                 url = urls[i % len(urls)]
-                sub = await (connect(self.dialect, url) if picows
-                             else connect_raw(self.dialect, url, self))
+                sub = await (
+                    connect(self.dialect, url) if picows else connect_raw(self.dialect, url, self)
+                )
                 subs[i] = sub
-                await sub.request(self.dialect.subscribe(channels(i), 1), 1)
+                chans = channels(i)
+                for k, channel in enumerate([chans] if isinstance(chans, str) else chans, 1):
+                    await sub.request(self.dialect.subscribe(channel, k), k)
 
         try:
             async with asyncio.timeout(timeout_s), asyncio.TaskGroup() as tg:
@@ -511,15 +575,18 @@ class Publisher:
         return self.sent - self.acked - self.error_count
 
     def _on_payload(self, payload: bytes) -> None:
-        rep = self.dialect.reply(payload)
-        if rep is None:
+        many = getattr(self.dialect, "replies", None)  # several replies per frame (NATS)
+        reps = many(payload) if many is not None else [self.dialect.reply(payload)]
+        reps = [rep for rep in reps if rep is not None]
+        if not reps:
             return
-        if rep[1] is None:
-            self.acked += 1
-        else:
-            self.error_count += 1
-            if len(self.errors) < 5:
-                self.errors.append(rep[1])
+        for rep in reps:
+            if rep[1] is None:
+                self.acked += 1
+            else:
+                self.error_count += 1
+                if len(self.errors) < 5:
+                    self.errors.append(rep[1])
         if self.on_reply is not None:
             self.on_reply()
         if self._idle is not None and self.inflight == 0 and not self._idle.done():

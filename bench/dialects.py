@@ -7,8 +7,11 @@ inside the frames, so one load generator drives the broker and the baseline
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
+import jwt
 import orjson
 
 
@@ -33,6 +36,10 @@ class Dialect(Protocol):
         """Return the WebSocket URL for ``ws://host:port``."""
         ...
 
+    def headers(self) -> dict[str, str]:
+        """Extra handshake headers for the next connection (a Bearer token, or none)."""
+        ...
+
     async def handshake(self, conn: Client) -> None:
         """Run whatever must happen after the WebSocket opens, before requests."""
         ...
@@ -45,8 +52,12 @@ class Dialect(Protocol):
         """Encode a publish request that expects a reply."""
         ...
 
-    def reply(self, payload: bytes) -> tuple[int, str | None] | None:
-        """Decode a reply: ``(id, None)`` for ok, ``(id, error)``, or None if not a reply."""
+    def reply(self, payload: bytes) -> tuple[int | None, str | None] | None:
+        """Decode a reply: ``(id, None)`` for ok, ``(id, error)``, or None if not a reply.
+
+        An id of None answers the connection's latest request (a protocol
+        whose replies carry no id, such as NATS's ``PONG``).
+        """
         ...
 
     def message_data(self, payload: bytes) -> Any:
@@ -65,10 +76,13 @@ class JsonDialect:
     """The broker's wire protocol (PROTOCOL.md), spoken by broker and baseline."""
 
     name = "json"
-    text_ping = None
+    text_ping: bytes | None = None
 
     def url(self, base: str) -> str:
         return f"{base}/ws"
+
+    def headers(self) -> dict[str, str]:
+        return {}
 
     async def handshake(self, conn: Client) -> None:
         return None
@@ -96,6 +110,64 @@ class JsonDialect:
         return False
 
 
+AUTH_REQUEST_ID = 999_999_999  # the auth frame's id; no other request of a run uses it
+
+
+def mint_tokens(
+    secret: str, n: int, subscribe: Sequence[str], publish: Sequence[str], ttl_s: float = 3600.0
+) -> list[str]:
+    """Mint ``n`` HS256 tokens, one subject each, valid for ``ttl_s``.
+
+    Minted before any measurement: signing costs the load generator ~20 µs a
+    token, which must not count against the broker's connect rate.
+    """
+    exp = int(time.time() + ttl_s)
+    claims = {"exp": exp, "subscribe": list(subscribe), "publish": list(publish)}
+    return [
+        jwt.encode({"sub": f"bench-{i}", **claims}, secret, algorithm="HS256") for i in range(n)
+    ]
+
+
+class AuthJsonDialect(JsonDialect):
+    """The broker's protocol with auth on: every connection presents a token.
+
+    ``via="frame"`` sends ``{"op": "auth"}`` first and waits for its ok (what a
+    browser must do); ``via="header"`` puts ``Authorization: Bearer`` in the
+    handshake (what a service does). Tokens are taken round-robin from a pool.
+    """
+
+    name = "json+auth"
+
+    def __init__(self, tokens: Sequence[str], via: str = "frame") -> None:
+        if not tokens:
+            raise ValueError("no tokens")
+        if via not in ("frame", "header"):
+            raise ValueError(f"via must be 'frame' or 'header', not {via!r}")
+        self.tokens = list(tokens)
+        self.via = via
+        self._next = 0
+
+    def _token(self) -> str:
+        token = self.tokens[self._next % len(self.tokens)]
+        self._next += 1
+        return token
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token()}"} if self.via == "header" else {}
+
+    async def handshake(self, conn: Client) -> None:
+        if self.via != "frame":
+            return
+        req = {"op": "auth", "id": AUTH_REQUEST_ID, "token": self._token()}
+        conn.send(orjson.dumps(req))
+        while True:
+            rep = self.reply(await conn.recv())
+            if rep is not None and rep[0] in (AUTH_REQUEST_ID, -1):
+                if rep[1] is not None:
+                    raise BenchError(f"auth refused: {rep[1]}")
+                return
+
+
 class SocketIODialect:
     """Socket.IO v5 over Engine.IO v4, WebSocket transport only (the optional peer).
 
@@ -104,10 +176,13 @@ class SocketIODialect:
     """
 
     name = "socketio"
-    text_ping = b"\x81\x012"  # an unmasked text frame of one byte: "2"
+    text_ping: bytes | None = b"\x81\x012"  # an unmasked text frame of one byte: "2"
 
     def url(self, base: str) -> str:
         return f"{base}/socket.io/?EIO=4&transport=websocket"
+
+    def headers(self) -> dict[str, str]:
+        return {}
 
     async def handshake(self, conn: Client) -> None:
         opened = await conn.recv()

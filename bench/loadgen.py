@@ -16,12 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.clients import Dialect, Fleet, Publisher, connect
+import orjson
+
+from bench.clients import (
+    BenchError,
+    Dialect,
+    Fleet,
+    Publisher,
+    RawSub,
+    connect,
+    connect_raw,
+    split_frames,
+)
 from bench.procstat import Probe
 
 
@@ -63,22 +75,39 @@ async def throughput(
     subs_per_channel: int,
     params: ThroughputParams,
     probe: Probe,
+    *,
+    packed: int = 1,
 ) -> dict[str, Any]:
     """Publish round-robin over ``channels`` as fast as the windows allow; count deliveries.
 
     ``fanout`` is one channel with many subscribers, ``channels`` many channels
-    with a few each. Returns delivered messages per second over the window
-    from the first publish to the last delivery, plus the loss check.
+    with a few each. ``packed`` > 1 puts that many subscriptions on each
+    connection (``packed`` times fewer connections, each channel still with
+    ``subs_per_channel`` subscribers): connection ``i`` subscribes to channels
+    ``i * packed`` to ``i * packed + packed - 1``, modulo their number. Returns
+    delivered messages per second over the window from the first publish to the
+    last delivery, plus the loss check.
     """
     loop = asyncio.get_running_loop()
     n_ch = len(channels)
+    n_conns = -(-n_ch * subs_per_channel // packed)
+    if packed > 1 and (n_conns * packed != n_ch * subs_per_channel or packed > n_ch):
+        raise ValueError("packed must divide channels x subs_per_channel and be <= channels")
+
+    def chans_of(i: int) -> list[int]:
+        return [(i * packed + k) % n_ch for k in range(packed)]
+
     fleet = Fleet(dialect, batching=True)
     # Resume at most ~250 readers at a time (a few ms of work), so the publisher's
     # replies, on the same event loop, are never left waiting long.
-    fleet.slots = max(8, -(-n_ch * subs_per_channel // 250))
+    fleet.slots = max(8, -(-n_conns // 250))
     t_conn = time.perf_counter()
     await fleet.open(
-        sub_urls, lambda i: channels[i % n_ch], n_ch * subs_per_channel,
+        sub_urls,
+        (lambda i: channels[i % n_ch])
+        if packed == 1
+        else (lambda i: [channels[c] for c in chans_of(i)]),
+        n_conns,
         params.connect_concurrency,
     )
     connect_s = time.perf_counter() - t_conn
@@ -146,8 +175,11 @@ async def throughput(
             if not params.tick_s and per_sub > 0:
                 # Long enough that a read carries several frames, short enough that
                 # the lag window never runs dry while a subscriber sleeps.
-                period = min(params.tick_max_s, params.lag_window / 4 / per_sub,
-                             max(params.tick_min_s, params.frames_per_read / per_sub))
+                period = min(
+                    params.tick_max_s,
+                    params.lag_window / 4 / per_sub,
+                    max(params.tick_min_s, params.frames_per_read / per_sub),
+                )
         else:
             t_end = time.perf_counter()
         cpu = probe.stop()
@@ -156,7 +188,10 @@ async def throughput(
         fleet.tick(loop.time(), 0.0)
         await asyncio.sleep(0.05)  # let the last resumed reads land before the exact check
         for s_i, s in enumerate(fleet.subs):
-            s.expected = per_channel[s_i % n_ch]
+            if packed == 1:
+                s.expected = per_channel[s_i % n_ch]
+            else:
+                s.expected = sum(per_channel[c] for c in chans_of(s_i))
         check = fleet.check()
         delivered = fleet.total()
     finally:
@@ -166,6 +201,7 @@ async def throughput(
     elapsed = t_end - t0
     return {
         "subscribers": n_ch * subs_per_channel,
+        "connections": n_conns,
         "channels": n_ch,
         "published": pub.sent,
         "acked": pub.acked,
@@ -178,8 +214,9 @@ async def throughput(
         "connect_s": round(connect_s, 3),
         "deliveries_per_s": round(delivered / elapsed) if elapsed > 0 else 0,
         "publishes_per_s": round(pub.sent / elapsed) if elapsed > 0 else 0,
-        "median_read_period_ms": (round(1000 * sorted(periods)[len(periods) // 2], 1)
-                                  if periods else None),
+        "median_read_period_ms": (
+            round(1000 * sorted(periods)[len(periods) // 2], 1) if periods else None
+        ),
         **cpu,
         # Server CPU per delivered message, split: steadier than throughput when
         # the machine is noisy, and the user part is what the broker's code costs.
@@ -264,7 +301,12 @@ async def latency(
 
 
 async def memory(
-    dialect: Dialect, url: str, prefix: str, n: int, probe: Probe, settle_s: float = 1.0,
+    dialect: Dialect,
+    url: str,
+    prefix: str,
+    n: int,
+    probe: Probe,
+    settle_s: float = 1.0,
     concurrency: int = 200,
 ) -> dict[str, Any]:
     """Open ``n`` idle connections, each subscribed to its own channel; RSS growth per one.
@@ -292,4 +334,177 @@ async def memory(
         "kib_per_conn": round((rss1 - rss0) / n, 2),
         "connect_s": round(connect_s, 3),
         "connects_per_s": round(n / connect_s) if connect_s > 0 else 0,
+    }
+
+
+async def connect_rate(
+    dialect: Dialect,
+    url: str,
+    prefix: str,
+    n: int,
+    probe: Probe,
+    concurrency: int = 200,
+) -> dict[str, Any]:
+    """Open ``n`` connections that each authenticate (if the dialect does) and subscribe.
+
+    The figure is connections per second from the first SYN to the last
+    subscribe's ok, with ``concurrency`` handshakes in progress at once. The
+    connections stay open until all are counted, then are dropped. Tokens are
+    minted before (see ``mint_tokens``), so only the server's work is timed.
+    """
+    fleet = Fleet(dialect, batching=False)
+    try:
+        probe.start()
+        t0 = time.perf_counter()
+        await fleet.open([url], lambda i: f"{prefix}.{i}", n, concurrency)
+        elapsed = time.perf_counter() - t0
+        cpu = probe.stop()
+        alive = sum(not s.closed for s in fleet.subs)
+    finally:
+        fleet.close()
+    return {
+        "connections": n,
+        "alive": alive,
+        "elapsed_s": round(elapsed, 3),
+        "connects_per_s": round(n / elapsed) if elapsed > 0 else 0,
+        **cpu,
+        "server_us_per_connect": _per(cpu["server_cpu_s"], n),
+    }
+
+
+@dataclass
+class RecoveryParams:
+    """Sizes of a recovery run."""
+
+    subscribers: int = 1000
+    messages: int = 100  # published while every subscriber is away
+    concurrency: int = 1000  # reconnects in progress at once: all of them
+    timeout_s: float = 60.0
+
+
+def _position(payload: bytes) -> tuple[int, str] | None:
+    msg = orjson.loads(payload)
+    if msg.get("op") != "message" or "offset" not in msg:
+        return None
+    return int(msg["offset"]), str(msg["epoch"])
+
+
+async def recovery(
+    dialect: Dialect, url: str, pub_url: str, channel: str, params: RecoveryParams, probe: Probe
+) -> dict[str, Any]:
+    """Subscribers leave, messages are published, all come back at once with ``since``.
+
+    1. ``subscribers`` connections subscribe to ``channel`` (a history
+       channel); one message is published and each notes the offset and epoch
+       of the last message it saw.
+    2. All disconnect; ``messages`` are published and acknowledged.
+    3. All reconnect at once and subscribe with ``since``. Timed from the first
+       reconnect to the moment the last subscriber has counted every missed
+       message (``catchup_ms``), with the frames kept and checked afterwards:
+       each must get ``recovered: true`` and exactly the offsets it missed, in
+       order (``missing``, ``duplicates``, ``out_of_order``, ``not_recovered``).
+    """
+    n, m = params.subscribers, params.messages
+    fleet = Fleet(dialect, batching=False)
+    pub_conn = await connect(dialect, pub_url)
+    pub = Publisher(pub_conn, dialect)
+    back: list[RawSub | None] = [None] * n
+    try:
+        await fleet.open([url], lambda i: channel, n)
+        pub.publish(channel, 0)
+        await pub.wait_idle(10.0)
+        if not await drained(lambda: all(s._inbox for s in fleet.subs), params.timeout_s):
+            raise BenchError("the first message did not reach every subscriber")
+        seen: list[tuple[int, str]] = []
+        for s in fleet.subs:
+            pos = _position(s._inbox[-1])
+            if pos is None:
+                raise BenchError(f"no offset in {s._inbox[-1][:200]!r}: is history on?")
+            seen.append(pos)
+        fleet.close()
+        await asyncio.sleep(0.2)  # let the server see every close before publishing
+        for seq in range(1, m + 1):
+            pub.publish(channel, seq)
+        await pub.wait_idle(params.timeout_s)
+        sem = asyncio.Semaphore(params.concurrency)
+        gone = Fleet(dialect, batching=False)  # RawSub wants a fleet; record mode ignores it
+
+        async def one(i: int) -> None:
+            async with sem:
+                sub = await connect_raw(dialect, url, gone)
+                back[i] = sub
+                sub.expected = m
+                sub.mode = "record"
+                since = {"offset": seen[i][0], "epoch": seen[i][1]}
+                sub.send(
+                    orjson.dumps({"op": "subscribe", "id": 7, "channel": channel, "since": since})
+                )
+
+        probe.start()
+        t0 = time.perf_counter()
+        async with asyncio.timeout(params.timeout_s), asyncio.TaskGroup() as tg:
+            for i in range(n):
+                tg.create_task(one(i))
+        connected_s = time.perf_counter() - t0
+        subs = [s for s in back if s is not None]
+        caught_up = await drained(
+            lambda: all(s.done_at or s.closed for s in subs), params.timeout_s, 0.002
+        )
+        cpu = probe.stop()
+        await asyncio.sleep(0.05)  # a duplicate arriving just after the last message counts
+        check = _check_recovery(subs, seen, m)
+    finally:
+        pub_conn.close()
+        fleet.close()
+        for s in back:
+            if s is not None:
+                s.close()
+    done = sorted(s.done_at - t0 for s in subs if s.done_at)
+    return {
+        "subscribers": n,
+        "messages": m,
+        "caught_up": caught_up,
+        "subs_closed": sum(s.closed for s in subs),
+        "connected_ms": round(1000 * connected_s, 1),
+        "catchup_ms": round(1000 * done[-1], 1) if len(done) == n else None,
+        "catchup_p50_ms": round(1000 * done[len(done) // 2], 1) if done else None,
+        **check,
+        **cpu,
+    }
+
+
+def _check_recovery(subs: list[RawSub], seen: list[tuple[int, str]], m: int) -> dict[str, Any]:
+    """Count, over every subscriber, what its recorded frames lack or repeat."""
+    missing = duplicates = out_of_order = not_recovered = extra = 0
+    samples: list[str] = []
+    for s, (since, epoch) in zip(subs, seen, strict=True):
+        ok: dict[str, Any] | None = None
+        offsets: list[int] = []
+        for opcode, payload in split_frames(b"".join(s.chunks)):
+            if opcode != 0x1:
+                continue
+            msg = orjson.loads(payload)
+            if msg.get("op") == "message":
+                if msg.get("epoch") != epoch:
+                    extra += 1
+                offsets.append(int(msg["offset"]))
+            elif msg.get("id") == 7:
+                ok = msg
+        if ok is None or ok.get("op") != "ok" or not ok.get("recovered"):
+            not_recovered += 1
+            if len(samples) < 3:
+                samples.append(orjson.dumps(ok).decode() if ok else "no reply")
+        want = set(range(since + 1, since + m + 1))
+        got = set(offsets)
+        missing += len(want - got)
+        extra += len(got - want)
+        duplicates += len(offsets) - len(got)
+        out_of_order += sum(b <= a for a, b in itertools.pairwise(offsets))
+    return {
+        "missing": missing,
+        "duplicates": duplicates,
+        "extra": extra,
+        "out_of_order": out_of_order,
+        "not_recovered": not_recovered,
+        "reply_samples": samples,
     }

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.metadata
+import io
 import math
 import os
 import platform
@@ -28,6 +29,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import traceback
 import urllib.parse
@@ -43,10 +46,11 @@ if not __package__:  # run as a script (python bench/run.py): make `bench` impor
 import orjson  # noqa: E402
 
 from bench import clients, loadgen  # noqa: E402
-from bench.procstat import Probe, core_times  # noqa: E402
+from bench.net import HOST, Server, answers, free_ports  # noqa: E402
+from bench.procstat import Probe, quietest  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-HOST = "127.0.0.1"  # the only address this suite ever targets
+
 
 BASELINE_CMD = "{python} bench/baseline.py --host {host} --port {port}"
 BROKER_CMD = (
@@ -55,72 +59,123 @@ BROKER_CMD = (
 )
 SOCKETIO_CMD = "{python} bench/socketio_peer.py --host {host} --port {port}"
 
-SCENARIOS = ("fanout", "channels", "latency", "memory", "redis")
+SCENARIOS = (
+    "fanout",
+    "channels",
+    "latency",
+    "memory",
+    "redis",
+    "redis-channels",
+    "connect",
+    "recovery",
+)
+# What each scenario drives (see measure_once); redis-* are their shape on Redis.
+SHAPES = {"redis": "fanout", "redis-channels": "channels"}
+VARIANTS = ("auth", "history")
 # The channels scenario holds 10,000 subscribers plus a publisher in one process;
 # the broker's default cap is 10,000 connections. The baseline ignores this.
-SERVER_ENV = {"BROKER_MAX_CONNECTIONS": "20000"}
+# A drain (1012 to every client, spread over seconds) is for rolling restarts;
+# here every client has left before the stop, and it would add 1-4 s to each of
+# the ~60 starts and stops of a run. Brokers that lack these settings ignore them.
+SERVER_ENV = {
+    "BROKER_MAX_CONNECTIONS": "20000",
+    "BROKER_DRAIN_GRACE": "0",
+    "BROKER_DRAIN_SPREAD": "0",
+}
+# Every channel the bench uses starts with this token; the auth and history
+# rules are written for it.
+CHANNEL_ROOT = "bench"
+JWT_SECRET = "bench-only-secret-not-for-production-0123456789"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One kind of server under test: which command, backplane, config and processes."""
+
+    template: str  # key of Ctx.templates: baseline, broker, broker-ref, socketio
+    backplane: str = "memory"
+    config: str = ""  # "", "auth" or "history": the TOML file the broker starts with
+    procs: int = 1
+
+
+PEERS: dict[str, Peer] = {
+    "baseline": Peer("baseline"),
+    "socketio": Peer("socketio"),
+    "broker": Peer("broker"),
+    "broker-auth": Peer("broker", config="auth"),
+    "broker-auth-header": Peer("broker", config="auth"),  # token in the handshake
+    "broker-history": Peer("broker", config="history"),
+    "broker-ref": Peer("broker-ref"),
+    "broker-redis": Peer("broker", "redis"),
+    "broker-redis-2proc": Peer("broker", "redis", procs=2),
+    "broker-redis-history": Peer("broker", "redis", config="history"),
+    "broker-ref-redis": Peer("broker-ref", "redis"),
+}
+
+
+def auth_config(secret: str) -> str:
+    """The auth-on broker's TOML: a secret and rules in force (first match wins).
+
+    The first two rules never match the bench's channels, so every subscribe
+    and publish walks the rule list before the third allows it by the token's
+    claims: what a real deployment pays.
+    """
+    return f"""[auth]
+jwt_secret = "{secret}"
+
+[[channels]]
+pattern = "admin.>"
+subscribe = "nobody"
+publish = "nobody"
+
+[[channels]]
+pattern = "user.{{sub}}.>"
+subscribe = "authenticated"
+publish = "authenticated"
+
+[[channels]]
+pattern = "{CHANNEL_ROOT}.>"
+subscribe = "token"
+publish = "token"
+"""
+
+
+def history_config(size: int, ttl_s: float) -> str:
+    """The history-on broker's TOML: every bench channel keeps ``size`` messages."""
+    return f"""history_meta_ttl = {max(600.0, 2 * ttl_s)}
+
+[[channels]]
+pattern = "{CHANNEL_ROOT}.>"
+history_size = {size}
+history_ttl = {ttl_s}
+"""
 
 
 # --------------------------------------------------------------------------- servers
 
 
-def free_port() -> int:
-    """Return a loopback port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    """A server process started under ``taskset``; stopped with SIGTERM, then SIGKILL."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    http_port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"ws://{HOST}:{self.port}"
-
-    def check_alive(self) -> None:
-        """Raise if the process has exited."""
-        if self.proc.poll() is not None:
-            tail = self.log.read_text(errors="replace")[-2000:]
-            raise clients.BenchError(
-                f"{self.name} exited with {self.proc.returncode}; log tail:\n{tail}"
-            )
-
-    async def stop(self, timeout_s: float = 10.0) -> float:
-        """Terminate the process (ours: we started it and hold its pid); return seconds taken.
-
-        Waits without blocking the event loop, so the load generator's own
-        sockets finish closing and the server's graceful shutdown is not left
-        waiting for close handshakes from a frozen client.
-        """
-        t0 = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self.proc.wait, timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                await asyncio.to_thread(self.proc.wait, 5)
-        return round(time.monotonic() - t0, 2)
-
-
 async def start_server(
-    name: str, template: str, core: int | None, log_dir: Path, fmt: dict[str, str],
+    name: str,
+    template: str,
+    core: int | None,
+    log_dir: Path,
+    fmt: dict[str, str],
     ready_timeout_s: float = 30.0,
+    extra_args: list[str] | None = None,
 ) -> Server:
-    """Start ``template`` pinned to ``core`` and wait until its port accepts connections."""
-    port, http_port = free_port(), free_port()
-    fields = {"python": sys.executable, "host": HOST, "port": str(port),
-              "http_port": str(http_port), **fmt}
-    argv = shlex.split(template.format(**fields))
+    """Start ``template`` pinned to ``core`` and wait until its port accepts connections.
+
+    ``extra_args`` (a broker's ``--config FILE``) go after the template's own.
+    """
+    port, http_port = free_ports(2)
+    fields = {
+        "python": sys.executable,
+        "host": HOST,
+        "port": str(port),
+        "http_port": str(http_port),
+        **fmt,
+    }
+    argv = shlex.split(template.format(**fields)) + list(extra_args or [])
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env.update(SERVER_ENV)
     if core is not None:
@@ -129,9 +184,10 @@ async def start_server(
     with open(log, "ab") as logf:  # noqa: ASYNC230 (before the measurement starts)
         logf.write(f"\n=== {time.strftime('%H:%M:%S')} {shlex.join(argv)}\n".encode())
         logf.flush()
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT,  # noqa: ASYNC220
-                                stdin=subprocess.DEVNULL, env=env)
-    server = Server(name, proc, port, http_port, log)
+        proc = subprocess.Popen(  # noqa: ASYNC220 (before the measurement starts)
+            argv, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+    server = Server(name, proc, port, log, http_port)
     # Ready when the WebSocket port accepts and, for a server with a service API
     # (the broker), /readyz answers 200: its backplane is connected.
     probes = [(port, None)] + ([(http_port, b"/readyz")] if "{http_port}" in template else [])
@@ -146,33 +202,21 @@ async def start_server(
     return server
 
 
-async def answers(port: int, path: bytes | None) -> bool:
-    """Return whether ``port`` accepts a connection (and ``GET path`` answers 200)."""
-    try:
-        async with asyncio.timeout(2.0):
-            r, w = await asyncio.open_connection(HOST, port)
-            try:
-                if path is None:
-                    return True
-                w.write(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                        b"Connection: close\r\n\r\n")
-                status = await r.readline()
-                return status.split(b" ")[1:2] == [b"200"]
-            finally:
-                w.close()
-    except (OSError, TimeoutError, IndexError):
-        return False
-
-
 @contextlib.asynccontextmanager
 async def servers(
-    specs: list[tuple[str, str]], core: int | None, log_dir: Path, fmt: dict[str, str]
+    specs: list[tuple[str, str]],
+    core: int | None,
+    log_dir: Path,
+    fmt: dict[str, str],
+    extra_args: list[str] | None = None,
 ) -> AsyncIterator[list[Server]]:
     """Run several servers for one measurement; stop them all afterwards."""
     started: list[Server] = []
     try:
         for name, template in specs:
-            started.append(await start_server(name, template, core, log_dir, fmt))
+            started.append(
+                await start_server(name, template, core, log_dir, fmt, extra_args=extra_args)
+            )
         await asyncio.sleep(0.3)  # let start-up work (imports, backplane connect) finish
         yield started
         for s in started:
@@ -234,8 +278,16 @@ def redis_pid(port: int) -> int | None:
 def versions() -> dict[str, str]:
     """Versions of the interpreter and every package the figures depend on."""
     out = {"python": platform.python_version()}
-    for pkg in ("websockets", "orjson", "pydantic", "picows", "uvloop", "redis",
-                "python-socketio", "aiohttp"):
+    for pkg in (
+        "websockets",
+        "orjson",
+        "pydantic",
+        "picows",
+        "uvloop",
+        "redis",
+        "python-socketio",
+        "aiohttp",
+    ):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[pkg] = importlib.metadata.version(pkg)
     return out
@@ -250,14 +302,31 @@ def machine() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "broker"], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=5).stdout.strip())
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "broker"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", False
-    return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(),
-            "commit": commit or "none", "broker_tree_dirty": dirty}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "commit": commit or "none",
+        "broker_tree_dirty": dirty,
+    }
 
 
 @dataclass
@@ -275,6 +344,44 @@ class Ctx:
     failures: list[str]
     #: Every round's result, per scenario and server, in round order.
     runs: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    #: The broker's TOML files per variant ("auth", "history").
+    configs: dict[str, Path] = field(default_factory=dict)
+    #: What --compare-ref / --compare-cmd measures, for the report.
+    ref_label: str = ""
+
+    def peers(self, scenario: str) -> list[str]:
+        """The servers a scenario measures, in the order of its first round."""
+        a = self.args
+        var = set(filter(None, a.variants.split(",")))
+        ref = "broker-ref" in self.templates
+        sio = "socketio" in self.templates
+        if scenario in ("fanout", "channels"):
+            out = ["baseline", "broker"]
+            out += ["broker-auth"] if "auth" in var else []
+            out += ["broker-history"] if "history" in var else []
+            return out + (["broker-ref"] if ref else []) + (["socketio"] if sio else [])
+        if scenario in ("latency", "memory"):
+            return (
+                ["baseline", "broker"]
+                + (["broker-ref"] if ref else [])
+                + (["socketio"] if sio else [])
+            )
+        if scenario == "redis":
+            out = ["broker-redis", "broker-redis-2proc"]
+            out += ["broker-redis-history"] if "history" in var else []
+            return out + (["broker-ref-redis"] if ref else [])
+        if scenario == "redis-channels":
+            return ["broker-redis", "broker-redis-history"] if "history" in var else []
+        if scenario == "connect":
+            auth = ["broker-auth", "broker-auth-header"] if "auth" in var else []
+            return ["baseline", "broker", *auth]
+        if scenario == "recovery":
+            return ["broker-history"] + (["broker-redis-history"] if self.redis_version else [])
+        raise ValueError(scenario)
+
+    def dialect(self, server: str) -> clients.Dialect:
+        """The protocol spoken to ``server`` (auth-on brokers get tokens)."""
+        return self.dialects.get(server) or self.dialects[PEERS[server].config or "json"]
 
     @property
     def core(self) -> int | None:
@@ -282,18 +389,26 @@ class Ctx:
 
     def probe(self, srvs: list[Server], with_redis: bool = False) -> Probe:
         aux = {"redis": self.redis_pid} if with_redis and self.redis_pid else {}
-        return Probe([s.proc.pid for s in srvs], aux,
-                     self.args.server_core, self.args.loadgen_core)
+        return Probe([s.proc.pid for s in srvs], aux, self.args.server_core, self.args.loadgen_core)
 
     def fmt(self, backplane: str = "memory") -> dict[str, str]:
         return {"backplane": backplane, "redis_url": self.args.redis_url}
+
+    def extra_args(self, server: str) -> list[str]:
+        """``--config FILE`` for a broker variant, nothing for the others."""
+        cfg = PEERS[server].config
+        return ["--config", str(self.configs[cfg])] if cfg else []
 
 
 def throughput_params(a: argparse.Namespace) -> loadgen.ThroughputParams:
     """Map command-line sizes onto the load generator's parameters."""
     return loadgen.ThroughputParams(
-        duration_s=a.duration, max_messages=a.max_messages, ack_window=a.ack_window,
-        lag_window=a.lag_window, tick_s=a.tick_ms / 1000, frames_per_read=a.frames_per_read,
+        duration_s=a.duration,
+        max_messages=a.max_messages,
+        ack_window=a.ack_window,
+        lag_window=a.lag_window,
+        tick_s=a.tick_ms / 1000,
+        frames_per_read=a.frames_per_read,
         drain_timeout_s=a.drain_timeout,
         connect_concurrency=a.connect_concurrency,
     )
@@ -302,35 +417,19 @@ def throughput_params(a: argparse.Namespace) -> loadgen.ThroughputParams:
 def functional_failures(name: str, r: dict[str, Any]) -> list[str]:
     """List what went wrong functionally in one result (never speed)."""
     out = []
-    for key in ("lost", "extra", "subs_closed", "publish_errors"):
+    keys = ("lost", "extra", "subs_closed", "publish_errors", "missing", "duplicates")
+    for key in (*keys, "out_of_order", "not_recovered"):
         if r.get(key):
             out.append(f"{name}: {key}={r[key]}")
     if "alive" in r and r["alive"] != r["connections"]:
         out.append(f"{name}: only {r['alive']}/{r['connections']} connections alive")
     if r.get("error_samples"):
         out.append(f"{name}: errors {r['error_samples']}")
+    if r.get("caught_up") is False:
+        out.append(f"{name}: not every subscriber caught up in time")
+    if r.get("reply_samples"):
+        out.append(f"{name}: subscribe replies {r['reply_samples']}")
     return out
-
-
-async def wait_quiet(max_wait_s: float, threshold_pct: float) -> float:
-    """Wait (bounded) until the machine's cores are nearly idle; return their busy %.
-
-    Other tenants (a test suite, a browser) slow whichever server happens to run
-    beside them, which skews a ratio far more than the 5-10 % run-to-run noise.
-    """
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        c0 = core_times()
-        await asyncio.sleep(0.5)
-        c1 = core_times()
-        busy = total = 0
-        for core, t1 in c1.items():
-            d = [b - a for a, b in zip(c0.get(core, [0] * 8), t1, strict=True)]
-            busy += sum(d) - d[3] - d[4]
-            total += sum(d)
-        pct = 100.0 * len(c1) * busy / total if total else 0.0  # 100 = one core
-        if pct <= threshold_pct or time.monotonic() >= deadline:
-            return round(pct, 1)
 
 
 async def measure(ctx: Ctx, scenario: str, server: str) -> None:
@@ -343,17 +442,13 @@ async def measure(ctx: Ctx, scenario: str, server: str) -> None:
     key = f"{scenario}/{server}"
     print(f"  {key} ...", end="", flush=True)
     t0 = time.perf_counter()
-    attempts: list[dict[str, Any]] = []
     try:
-        for _ in range(1 + a.retries):
-            idle = await wait_quiet(a.quiet_wait, a.noise_threshold)
-            r = await measure_once(ctx, scenario, server)
-            r["machine_busy_before_pct"] = idle
-            attempts.append(r)
-            if r.get("other_cpu_pct", 0.0) <= a.noise_threshold:
-                break
-            if a.retries:
-                print(f" [noisy: other={r['other_cpu_pct']}%]", end="", flush=True)
+        r = await quietest(
+            lambda: measure_once(ctx, scenario, server),
+            retries=a.retries,
+            quiet_wait=a.quiet_wait,
+            noise_threshold=a.noise_threshold,
+        )
     except Exception as exc:  # one failed measurement must not hide the others
         if isinstance(exc, ExceptionGroup):
             exc = exc.exceptions[0]
@@ -366,9 +461,6 @@ async def measure(ctx: Ctx, scenario: str, server: str) -> None:
         if a.verbose:
             traceback.print_exc()
         return
-    r = min(attempts, key=lambda x: x.get("other_cpu_pct", 0.0))
-    r["attempts"] = len(attempts)
-    r["noisy"] = r.get("other_cpu_pct", 0.0) > a.noise_threshold
     ctx.runs.setdefault(scenario, {}).setdefault(server, []).append(r)
     ctx.failures.extend(functional_failures(key, r))
     print(f" {time.perf_counter() - t0:.1f}s {headline(scenario, r)}")
@@ -377,65 +469,142 @@ async def measure(ctx: Ctx, scenario: str, server: str) -> None:
 async def measure_once(ctx: Ctx, scenario: str, server: str) -> dict[str, Any]:
     """Start the server(s) for one scenario, drive it once, stop them."""
     a = ctx.args
-    dialect = ctx.dialects[server]
-    prefix = f"{ctx.prefix}.{scenario}"
-    template = ctx.templates.get(server, "")
-    if scenario in ("fanout", "channels"):
-        # fanout: one channel, many subscribers; channels: many channels, a few each
-        n_ch = 1 if scenario == "fanout" else a.channels
-        per = a.subscribers if scenario == "fanout" else a.subs_per_channel
-        chans = [f"{prefix}.{i}" for i in range(n_ch)]
-        async with servers([(server, template)], ctx.core, ctx.log_dir, ctx.fmt()) as (srv,):
-            return await loadgen.throughput(dialect, [srv.url], srv.url, chans, per,
-                                            throughput_params(a), ctx.probe([srv]))
-    if scenario == "latency":
-        lp = loadgen.LatencyParams(a.latency_subscribers, a.latency_rate,
-                                   a.latency_duration, a.latency_warmup)
-        async with servers([(server, template)], ctx.core, ctx.log_dir, ctx.fmt()) as (srv,):
-            return await loadgen.latency(dialect, srv.url, f"{prefix}.0", lp, ctx.probe([srv]))
-    if scenario == "memory":
-        async with servers([(server, template)], ctx.core, ctx.log_dir, ctx.fmt()) as (srv,):
-            return await loadgen.memory(dialect, srv.url, prefix, a.connections,
-                                        ctx.probe([srv]), concurrency=a.connect_concurrency)
-    if scenario == "redis":
-        # One broker on the Redis backplane, or two with the subscribers split
-        # between them and the publisher on the first (both on the server core).
-        procs = 2 if server.endswith("2proc") else 1
-        specs = [(f"{server}-{i}", ctx.templates["broker"]) for i in range(procs)]
-        chans = [f"{prefix}.{procs}p"]
-        async with servers(specs, ctx.core, ctx.log_dir, ctx.fmt("redis")) as srvs:
+    dialect = ctx.dialect(server)
+    peer = PEERS[server]
+    shape = SHAPES.get(scenario, scenario)
+    # The server's name is in the channel, so a history channel (kept in Redis
+    # across processes) is never shared by two kinds of server.
+    prefix = f"{ctx.prefix}.{scenario}.{server}"
+    specs = [
+        (server if peer.procs == 1 else f"{server}-{i}", ctx.templates[peer.template])
+        for i in range(peer.procs)
+    ]
+    started = servers(specs, ctx.core, ctx.log_dir, ctx.fmt(peer.backplane), ctx.extra_args(server))
+    async with started as srvs:
+        probe = ctx.probe(srvs, with_redis=peer.backplane == "redis")
+        srv = srvs[0]
+        if shape in ("fanout", "channels"):
+            # fanout: one channel, many subscribers; channels: many channels, a few
+            # each. With two processes the subscribers are split between them and
+            # the publisher is on the first.
+            n_ch = 1 if shape == "fanout" else a.channels
+            per = a.subscribers if shape == "fanout" else a.subs_per_channel
+            chans = [f"{prefix}.{i}" for i in range(n_ch)]
             r = await loadgen.throughput(
-                dialect, [s.url for s in srvs], srvs[0].url, chans, a.subscribers,
-                throughput_params(a), ctx.probe(srvs, with_redis=True))
-            r["processes"] = procs
+                dialect, [x.url for x in srvs], srv.url, chans, per, throughput_params(a), probe
+            )
+            r["processes"] = peer.procs
             return r
+        if shape == "latency":
+            lp = loadgen.LatencyParams(
+                a.latency_subscribers, a.latency_rate, a.latency_duration, a.latency_warmup
+            )
+            return await loadgen.latency(dialect, srv.url, f"{prefix}.0", lp, probe)
+        if shape == "memory":
+            return await loadgen.memory(
+                dialect,
+                srv.url,
+                prefix,
+                a.connections,
+                probe,
+                settle_s=a.memory_settle,
+                concurrency=a.connect_concurrency,
+            )
+        if shape == "connect":
+            return await loadgen.connect_rate(
+                dialect, srv.url, prefix, a.connect_connections, probe, a.connect_concurrency
+            )
+        if shape == "recovery":
+            rp = loadgen.RecoveryParams(
+                a.recovery_subscribers, a.recovery_messages, a.recovery_concurrency
+            )
+            return await loadgen.recovery(dialect, srv.url, srv.url, f"{prefix}.0", rp, probe)
     raise ValueError(scenario)
 
 
 def headline(scenario: str, r: dict[str, Any]) -> str:
     """One line of the most telling numbers of a result, for the progress log."""
     if scenario == "latency":
-        return (f"p50={r['p50_ms']}ms p99={r['p99_ms']}ms max={r['max_ms']}ms "
-                f"lost={r['lost']} srv={r['server_cpu_pct']}%")
+        return (
+            f"p50={r['p50_ms']}ms p99={r['p99_ms']}ms max={r['max_ms']}ms "
+            f"lost={r['lost']} srv={r['server_cpu_pct']}%"
+        )
     if scenario == "memory":
         return f"{r['kib_per_conn']} KiB/conn alive={r['alive']}/{r['connections']}"
-    return (f"{r['deliveries_per_s']:,}/s lost={r['lost']} srv={r['server_cpu_pct']}% "
-            f"srv-core={r['server_core_busy_pct']}% (softirq {r['server_core_softirq_pct']}%, "
-            f"steal {r['server_core_steal_pct']}%) lg={r['loadgen_cpu_pct']}% "
-            f"lg-core={r['loadgen_core_busy_pct']}% other={r['other_cpu_pct']}% "
-            f"srv-us/msg={r['server_us_per_delivery']} (user {r['server_user_us_per_delivery']})")
+    if scenario == "connect":
+        return (
+            f"{r['connects_per_s']:,} conn/s alive={r['alive']}/{r['connections']} "
+            f"srv={r['server_cpu_pct']}% lg={r['loadgen_cpu_pct']}% "
+            f"srv-us/conn={r['server_us_per_connect']}"
+        )
+    if scenario == "recovery":
+        return (
+            f"all caught up in {r['catchup_ms']} ms (p50 {r['catchup_p50_ms']} ms, "
+            f"connected {r['connected_ms']} ms) missing={r['missing']} "
+            f"duplicates={r['duplicates']} not_recovered={r['not_recovered']} "
+            f"srv={r['server_cpu_pct']}%"
+        )
+    return (
+        f"{r['deliveries_per_s']:,}/s lost={r['lost']} srv={r['server_cpu_pct']}% "
+        f"srv-core={r['server_core_busy_pct']}% (softirq {r['server_core_softirq_pct']}%, "
+        f"steal {r['server_core_steal_pct']}%) lg={r['loadgen_cpu_pct']}% "
+        f"lg-core={r['loadgen_core_busy_pct']}% other={r['other_cpu_pct']}% "
+        f"srv-us/msg={r['server_us_per_delivery']} (user {r['server_user_us_per_delivery']})"
+    )
 
 
 # --------------------------------------------------------------------------- report
 
 
-TARGETS: dict[str, tuple[str, str, float, str]] = {
-    # scenario: (metric key, unit, target ratio, "min" if higher is better else "max")
-    "fanout": ("deliveries_per_s", "msg/s", 5.0, "min"),
-    "channels": ("deliveries_per_s", "msg/s", 1.3, "min"),
-    "latency": ("p99_ms", "ms", 1.5, "max"),
-    "memory": ("kib_per_conn", "KiB/conn", 1.1, "max"),
-}
+@dataclass(frozen=True)
+class Row:
+    """One comparison in the table: ``server`` against ``reference`` in one scenario."""
+
+    scenario: str
+    server: str
+    reference: str
+    metrics: tuple[str, ...]
+    unit: str
+    target: float | None = None  # on the first metric's ratio
+    sense: str = "min"  # "min": higher is better (ratio ≥ target); "max": lower is better
+    ref_scenario: str = ""  # the reference's scenario when not the same (unpaired)
+
+
+# The second figure of a throughput row, server CPU per delivery, is far steadier
+# than throughput on a machine shared with other work (lower is better).
+THROUGHPUT = ("deliveries_per_s", "server_us_per_delivery")
+LATENCY = ("p99_ms", "p50_ms", "max_ms")
+MEMORY = ("kib_per_conn",)
+CONNECT = ("connects_per_s", "server_us_per_connect")
+UNITS = {"server_us_per_delivery": "µs/msg", "server_us_per_connect": "µs/conn"}
+ROWS: tuple[Row, ...] = (
+    Row("fanout", "broker", "baseline", THROUGHPUT, "msg/s", 5.0),
+    Row("fanout", "broker-auth", "broker", THROUGHPUT, "msg/s", 0.95),
+    Row("fanout", "broker-history", "broker", THROUGHPUT, "msg/s", 0.8),
+    Row("fanout", "broker", "broker-ref", THROUGHPUT, "msg/s"),
+    Row("fanout", "socketio", "baseline", THROUGHPUT, "msg/s"),
+    Row("channels", "broker", "baseline", THROUGHPUT, "msg/s", 1.3),
+    Row("channels", "broker-auth", "broker", THROUGHPUT, "msg/s", 0.95),
+    Row("channels", "broker-history", "broker", THROUGHPUT, "msg/s", 0.8),
+    Row("channels", "broker", "broker-ref", THROUGHPUT, "msg/s"),
+    Row("channels", "socketio", "baseline", THROUGHPUT, "msg/s"),
+    Row("latency", "broker", "baseline", LATENCY, "ms", 1.5, "max"),
+    Row("latency", "broker", "broker-ref", LATENCY, "ms", None, "max"),
+    Row("latency", "socketio", "baseline", LATENCY, "ms", None, "max"),
+    Row("memory", "broker", "baseline", MEMORY, "KiB/conn", 1.1, "max"),
+    Row("memory", "broker", "broker-ref", MEMORY, "KiB/conn", None, "max"),
+    Row("memory", "socketio", "baseline", MEMORY, "KiB/conn", None, "max"),
+    Row("redis", "broker-redis", "broker", THROUGHPUT, "msg/s", 0.8, ref_scenario="fanout"),
+    Row("redis", "broker-redis-2proc", "broker", THROUGHPUT, "msg/s", ref_scenario="fanout"),
+    Row("redis", "broker-redis-history", "broker-redis", THROUGHPUT, "msg/s", 0.7),
+    Row("redis", "broker-redis", "broker-ref-redis", THROUGHPUT, "msg/s"),
+    Row("redis-channels", "broker-redis-history", "broker-redis", THROUGHPUT, "msg/s", 0.7),
+    Row("connect", "broker-auth", "baseline", CONNECT, "conn/s", 0.7),
+    Row("connect", "broker-auth-header", "baseline", CONNECT, "conn/s", 0.7),
+    Row("connect", "broker", "baseline", CONNECT, "conn/s"),
+    Row("recovery", "broker-history", "", ("catchup_ms", "missing"), "ms"),
+    Row("recovery", "broker-redis-history", "", ("catchup_ms", "missing"), "ms"),
+)
 
 
 def bound(r: dict[str, Any], threshold: float) -> str:
@@ -460,7 +629,12 @@ def ratio(a: Any, b: Any) -> float | None:
 
 def main_metric(scenario: str) -> str:
     """The figure a scenario's rounds are ranked by."""
-    return {"latency": "p99_ms", "memory": "kib_per_conn"}.get(scenario, "deliveries_per_s")
+    return {
+        "latency": "p99_ms",
+        "memory": "kib_per_conn",
+        "connect": "connects_per_s",
+        "recovery": "catchup_ms",
+    }.get(scenario, "deliveries_per_s")
 
 
 def pick_median(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -474,8 +648,16 @@ def pick_median(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     key = main_metric(scenario)
     ranked = sorted(runs, key=lambda r: r.get(key) or 0)
     median = dict(ranked[(len(ranked) - 1) // 2])
-    metrics = ["p50_ms", "p99_ms", "max_ms"] if scenario == "latency" else [key]
+    metrics = {
+        "latency": list(LATENCY),
+        "recovery": [key, "missing", "duplicates"],
+        "connect": list(CONNECT),
+        "memory": [key],
+    }.get(scenario, list(THROUGHPUT))
     median["rounds"] = {m: [r.get(m) for r in runs] for m in metrics}
+    if scenario == "recovery":  # a message missed in any round counts
+        for m in ("missing", "duplicates", "out_of_order", "not_recovered"):
+            median[m] = sum(r.get(m) or 0 for r in runs)
     return median
 
 
@@ -492,8 +674,13 @@ def paired_ratio(b: dict[str, Any], base: dict[str, Any], metric: str) -> float 
     (the kernel's cost per send() moves by ±10 % over minutes on this VM); the
     median keeps one odd round from deciding. With one round it is the ratio.
     """
-    pairs = list(zip(b.get("rounds", {}).get(metric, []),
-                     base.get("rounds", {}).get(metric, []), strict=False))
+    pairs = list(
+        zip(
+            b.get("rounds", {}).get(metric, []),
+            base.get("rounds", {}).get(metric, []),
+            strict=False,
+        )
+    )
     ratios = [r for r in (ratio(x, y) for x, y in pairs) if r is not None]
     if len(ratios) < 2:
         return ratio(b.get(metric), base.get(metric))
@@ -503,56 +690,95 @@ def paired_ratio(b: dict[str, Any], base: dict[str, Any], metric: str) -> float 
 
 
 def summarize(ctx: Ctx) -> list[dict[str, Any]]:
-    """Build the table rows: broker value, reference value, ratio, target."""
+    """Build the table rows: value, reference value, ratio, target, for every Row measured."""
     rows: list[dict[str, Any]] = []
     res = ctx.results
     thr = ctx.args.bound_threshold
-    for scen, (metric, unit, target, sense) in TARGETS.items():
-        if scen not in res:
+    for spec in ROWS:
+        b = res.get(spec.scenario, {}).get(spec.server)
+        if b is None:
             continue
-        for peer in [p for p in res[scen] if p != "baseline"]:
-            b, base = res[scen].get(peer, {}), res[scen].get("baseline", {})
-            metrics = [metric] if scen != "latency" else ["p50_ms", "p99_ms", "max_ms"]
-            for m in metrics:
-                rt = paired_ratio(res[scen].get(peer, {}), res[scen].get("baseline", {}), m)
-                has_target = m == metric and peer == "broker"
-                met = None
-                if has_target and rt is not None:
-                    met = rt >= target if sense == "min" else rt <= target
-                rows.append({
-                    "scenario": scen, "server": peer, "metric": m, "unit": unit,
-                    "value": median_value(b, m), "reference": "baseline",
+        if spec.scenario == "recovery":
+            rows.extend(recovery_rows(spec, b))
+            continue
+        paired = not spec.ref_scenario
+        base = res.get(spec.ref_scenario or spec.scenario, {}).get(spec.reference)
+        if base is None:
+            continue
+        for m in spec.metrics:
+            if paired:
+                rt = paired_ratio(b, base, m)
+            else:  # another scenario's figure: no rounds to pair with
+                rt = ratio(median_value(b, m), median_value(base, m))
+            has_target = m == spec.metrics[0] and spec.target is not None
+            met = None
+            if has_target and rt is not None:
+                met = rt >= spec.target if spec.sense == "min" else rt <= spec.target  # type: ignore[operator]
+            ref_name = spec.reference + (f" {spec.ref_scenario}" if spec.ref_scenario else "")
+            if spec.reference.startswith("broker-ref") and ctx.ref_label:
+                ref_name += f" ({ctx.ref_label})"
+            rows.append(
+                {
+                    "scenario": spec.scenario,
+                    "server": spec.server,
+                    "metric": m,
+                    "unit": UNITS.get(m, spec.unit),
+                    "value": median_value(b, m),
+                    "reference": ref_name,
                     "reference_value": median_value(base, m),
-                    "ratio": rt, "target": (f"{'≥' if sense == 'min' else '≤'}{target}"
-                                            if has_target else ""),
+                    "ratio": rt,
+                    "target": (
+                        f"{'≥' if spec.sense == 'min' else '≤'}{spec.target}" if has_target else ""
+                    ),
                     "met": met,
                     "server_cpu_pct": b.get("server_cpu_pct"),
                     "reference_cpu_pct": base.get("server_cpu_pct"),
                     "loadgen_cpu_pct": b.get("loadgen_cpu_pct"),
-                    "bound": (bound(b, thr) + "/" + bound(base, thr)
-                              if scen in ("fanout", "channels") and "error" not in b
-                              and "error" not in base else ""),
+                    "bound": (
+                        bound(b, thr) + ("/" + bound(base, thr) if paired else "")
+                        if m == "deliveries_per_s" and "error" not in b and "error" not in base
+                        else ""
+                    ),
                     "noisy": bool(b.get("noisy") or base.get("noisy")),
-                })
-    if "redis" in res:
-        mem = res.get("fanout", {}).get("broker", {})
-        for peer, r in res["redis"].items():
-            rt = ratio(r.get("deliveries_per_s"), mem.get("deliveries_per_s"))
-            one = peer == "broker-redis"
-            rows.append({
-                "scenario": "redis", "server": peer, "metric": "deliveries_per_s",
-                "unit": "msg/s", "value": r.get("deliveries_per_s"),
-                "reference": "broker memory fanout",
-                "reference_value": mem.get("deliveries_per_s"), "ratio": rt,
-                "target": "≥0.8" if one else "",
-                "met": (rt >= 0.8) if one and rt is not None else None,
-                "server_cpu_pct": r.get("server_cpu_pct"),
-                "reference_cpu_pct": mem.get("server_cpu_pct"),
-                "loadgen_cpu_pct": r.get("loadgen_cpu_pct"),
-                "bound": bound(r, thr) if "error" not in r else "",
-                "noisy": bool(r.get("noisy") or mem.get("noisy")),
-            })
+                }
+            )
     return rows
+
+
+def recovery_rows(spec: Row, r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recovery rows: catch-up time (no reference) and missed messages (must be 0)."""
+    lost = (r.get("missing") or 0) + (r.get("duplicates") or 0) + (r.get("not_recovered") or 0)
+    common = {
+        "scenario": spec.scenario,
+        "server": spec.server,
+        "reference": "",
+        "reference_value": None,
+        "ratio": None,
+        "server_cpu_pct": r.get("server_cpu_pct"),
+        "reference_cpu_pct": None,
+        "loadgen_cpu_pct": r.get("loadgen_cpu_pct"),
+        "bound": "",
+        "noisy": bool(r.get("noisy")),
+    }
+    ok = "error" not in r
+    return [
+        {
+            **common,
+            "metric": "catchup_ms",
+            "unit": "ms",
+            "value": median_value(r, "catchup_ms"),
+            "target": "",
+            "met": None,
+        },
+        {
+            **common,
+            "metric": "missing+duplicates+not_recovered",
+            "unit": "msgs",
+            "value": lost if ok else None,
+            "target": "=0",
+            "met": ok and lost == 0,
+        },
+    ]
 
 
 def fmt_num(v: Any) -> str:
@@ -568,17 +794,43 @@ def fmt_num(v: Any) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Render the rows as a Markdown table (what the README shows)."""
-    head = ["scenario", "server", "metric", "value", "reference", "ref. value", "ratio",
-            "target", "met", "server CPU % (ref.)", "loadgen CPU %", "bound (ref.)"]
+    head = [
+        "scenario",
+        "server",
+        "metric",
+        "value",
+        "reference",
+        "ref. value",
+        "ratio",
+        "target",
+        "met",
+        "server CPU % (ref.)",
+        "loadgen CPU %",
+        "bound (ref.)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         met = {True: "yes", False: "NO", None: ""}[r["met"]]
-        lines.append("| " + " | ".join([
-            r["scenario"], r["server"], f"{r['metric']} ({r['unit']})", fmt_num(r["value"]),
-            r["reference"], fmt_num(r["reference_value"]), fmt_num(r["ratio"]), r["target"],
-            met, f"{fmt_num(r['server_cpu_pct'])} ({fmt_num(r['reference_cpu_pct'])})",
-            fmt_num(r["loadgen_cpu_pct"]), r["bound"] + (" NOISY" if r["noisy"] else ""),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["scenario"],
+                    r["server"],
+                    f"{r['metric']} ({r['unit']})",
+                    fmt_num(r["value"]),
+                    r["reference"],
+                    fmt_num(r["reference_value"]),
+                    fmt_num(r["ratio"]),
+                    r["target"],
+                    met,
+                    f"{fmt_num(r['server_cpu_pct'])} ({fmt_num(r['reference_cpu_pct'])})",
+                    fmt_num(r["loadgen_cpu_pct"]),
+                    r["bound"] + (" NOISY" if r["noisy"] else ""),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -586,74 +838,188 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 SMOKE = {
-    "subscribers": 50, "duration": 1.0, "max_messages": 300, "channels": 20,
-    "subs_per_channel": 3, "latency_subscribers": 10, "latency_duration": 1.0,
-    "latency_warmup": 0.2, "connections": 200, "drain_timeout": 10.0,
-    "retries": 0, "quiet_wait": 0.0, "rounds": 1,
+    "subscribers": 50,
+    "duration": 0.5,
+    "max_messages": 300,
+    "channels": 20,
+    "subs_per_channel": 3,
+    "latency_subscribers": 10,
+    "latency_duration": 0.5,
+    "latency_warmup": 0.1,
+    "memory_settle": 0.3,
+    "connections": 200,
+    "connect_connections": 100,
+    "recovery_subscribers": 50,
+    "recovery_messages": 20,
+    "drain_timeout": 10.0,
+    "retries": 0,
+    "quiet_wait": 0.0,
+    "rounds": 1,
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; every size has a default that finishes in minutes."""
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes, functional check only (for CI)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--socketio", action="store_true",
-                   help="also measure python-socketio on aiohttp as a peer")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, functional check only (for CI)"
+    )
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)}",
+    )
+    p.add_argument(
+        "--socketio", action="store_true", help="also measure python-socketio on aiohttp as a peer"
+    )
     g = p.add_argument_group("throughput (fanout, channels, redis)")
     g.add_argument("--subscribers", type=int, default=1000, help="fanout subscribers")
     g.add_argument("--channels", type=int, default=1000, help="channels scenario: channels")
     g.add_argument("--subs-per-channel", type=int, default=10)
     g.add_argument("--duration", type=float, default=10.0, help="publishing time per run (s)")
-    g.add_argument("--max-messages", type=int, default=1_000_000,
-                   help="cap on messages published per run")
-    g.add_argument("--ack-window", type=int, default=64,
-                   help="publish requests in flight without their ok")
-    g.add_argument("--lag-window", type=int, default=512,
-                   help="messages per subscriber published but not yet delivered")
-    g.add_argument("--tick-ms", type=float, default=0.0,
-                   help="subscribers read in batches this often; 0 adapts the period so "
-                        "that each read carries about --frames-per-read frames")
+    g.add_argument(
+        "--max-messages", type=int, default=1_000_000, help="cap on messages published per run"
+    )
+    g.add_argument(
+        "--ack-window", type=int, default=64, help="publish requests in flight without their ok"
+    )
+    g.add_argument(
+        "--lag-window",
+        type=int,
+        default=512,
+        help="messages per subscriber published but not yet delivered",
+    )
+    g.add_argument(
+        "--tick-ms",
+        type=float,
+        default=0.0,
+        help="subscribers read in batches this often; 0 adapts the period so "
+        "that each read carries about --frames-per-read frames",
+    )
     g.add_argument("--frames-per-read", type=float, default=50.0)
     g.add_argument("--drain-timeout", type=float, default=30.0)
     g = p.add_argument_group("latency")
     g.add_argument("--latency-subscribers", type=int, default=100)
     g.add_argument("--latency-rate", type=float, default=200.0, help="publishes per second")
     g.add_argument("--latency-duration", type=float, default=10.0)
-    g.add_argument("--latency-warmup", type=float, default=1.0,
-                   help="seconds of samples dropped at the start")
+    g.add_argument(
+        "--latency-warmup", type=float, default=1.0, help="seconds of samples dropped at the start"
+    )
     g = p.add_argument_group("memory")
     g.add_argument("--connections", type=int, default=5000)
-    g.add_argument("--connect-concurrency", type=int, default=200,
-                   help="handshakes in progress at once")
+    g.add_argument(
+        "--memory-settle",
+        type=float,
+        default=1.0,
+        help="seconds before each RSS sample (start-up work and the connects finish)",
+    )
+    g.add_argument(
+        "--connect-concurrency", type=int, default=200, help="handshakes in progress at once"
+    )
+    g.add_argument(
+        "--connect-connections",
+        type=int,
+        default=2000,
+        help="connect scenario: connections opened (and authenticated, subscribed)",
+    )
+    g = p.add_argument_group("variants: auth (#11) and history (#12)")
+    g.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="broker variants measured beside the plain broker in fanout, channels, "
+        "redis, connect (comma-separated subset of auth,history; empty: none)",
+    )
+    g.add_argument(
+        "--auth-via",
+        choices=("frame", "header"),
+        default="frame",
+        help="how broker-auth's connections present their token: an auth frame after "
+        "the handshake (as browsers must), or an Authorization: Bearer header "
+        "(connect also measures broker-auth-header, which always uses the header)",
+    )
+    g.add_argument("--history-size", type=int, default=200, help="history_size of the history rule")
+    g.add_argument("--history-ttl", type=float, default=300.0)
+    g.add_argument("--recovery-subscribers", type=int, default=1000)
+    g.add_argument(
+        "--recovery-messages",
+        type=int,
+        default=100,
+        help="messages published while the recovery scenario's subscribers are away",
+    )
+    g.add_argument(
+        "--recovery-concurrency",
+        type=int,
+        default=1000,
+        help="reconnects in progress at once (default: all of them)",
+    )
+    g = p.add_argument_group("before/after: another commit's broker as a second broker")
+    g.add_argument(
+        "--compare-ref",
+        metavar="REF",
+        help="also measure the broker of git commit REF (extracted with git archive into "
+        "a temporary directory, run with this venv) in fanout, channels, latency, "
+        "memory and redis, as broker-ref; rows give broker / broker-ref",
+    )
+    g.add_argument(
+        "--compare-cmd",
+        metavar="TEMPLATE",
+        help="command template of the broker-ref (same fields as --broker-cmd), "
+        "instead of --compare-ref",
+    )
     g = p.add_argument_group("servers and machine")
-    g.add_argument("--broker-cmd", default=BROKER_CMD,
-                   help="command template for the broker ({python} {host} {port} "
-                        "{http_port} {backplane} {redis_url})")
+    g.add_argument(
+        "--broker-cmd",
+        default=BROKER_CMD,
+        help="command template for the broker ({python} {host} {port} "
+        "{http_port} {backplane} {redis_url})",
+    )
     g.add_argument("--baseline-cmd", default=BASELINE_CMD)
     g.add_argument("--socketio-cmd", default=SOCKETIO_CMD)
-    g.add_argument("--redis-url", default=os.environ.get("REDIS_URL",
-                                                         "redis://127.0.0.1:6379/0"))
-    g.add_argument("--require-redis", action="store_true",
-                   help="fail (instead of skipping the redis scenario) without Redis")
+    g.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    g.add_argument(
+        "--require-redis",
+        action="store_true",
+        help="fail (instead of skipping the redis scenario) without Redis",
+    )
     g.add_argument("--server-core", type=int, default=0)
     g.add_argument("--loadgen-core", type=int, default=1)
     g.add_argument("--no-pin", action="store_true", help="do not use taskset/affinity")
-    g.add_argument("--bound-threshold", type=float, default=90.0,
-                   help="CPU %% at which a side counts as saturated")
-    g.add_argument("--noise-threshold", type=float, default=15.0,
-                   help="CPU %% taken by other processes above which a measurement is redone")
-    g.add_argument("--rounds", type=int, default=3,
-                   help="measure every server this many times, alternating the order; "
-                        "figures are medians, ratios the median of each round's ratio")
+    g.add_argument(
+        "--bound-threshold",
+        type=float,
+        default=90.0,
+        help="CPU %% at which a side counts as saturated",
+    )
+    g.add_argument(
+        "--noise-threshold",
+        type=float,
+        default=15.0,
+        help="CPU %% taken by other processes above which a measurement is redone",
+    )
+    g.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measure every server this many times, alternating the order; "
+        "figures are medians, ratios the median of each round's ratio",
+    )
     g.add_argument("--retries", type=int, default=2, help="repeats of a noisy measurement")
-    g.add_argument("--quiet-wait", type=float, default=30.0,
-                   help="seconds to wait for an idle machine before each measurement")
-    g.add_argument("--output", type=Path, default=None,
-                   help="JSON report (default bench/results/latest.json, smoke.json with --smoke)")
+    g.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for an idle machine before each measurement",
+    )
+    g.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON report (default bench/results/latest.json, smoke.json with --smoke)",
+    )
     g.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
@@ -665,43 +1031,147 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = set(args.scenarios.split(",")) - set(SCENARIOS)
     if bad:
         p.error(f"unknown scenarios: {','.join(sorted(bad))}")
+    bad = set(filter(None, args.variants.split(","))) - set(VARIANTS)
+    if bad:
+        p.error(f"unknown variants: {','.join(sorted(bad))}")
+    if args.compare_ref and args.compare_cmd:
+        p.error("give --compare-ref or --compare-cmd, not both")
+    if "history" in args.variants and args.history_size < args.recovery_messages + 1:
+        p.error("--history-size must exceed --recovery-messages (the recovery must fit)")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     return args
 
 
+def prepare_ref(ref: str, tmp: Path) -> tuple[str, str]:
+    """Extract commit ``ref`` into ``tmp`` and return a broker template running it, and a label.
+
+    ``git archive`` rather than ``git worktree add``: nothing is registered in
+    the repository, so an interrupted run leaves nothing behind but a
+    temporary directory. The old tree goes first on ``sys.path`` through a
+    small launcher (servers start in this repository, where ``-m broker``
+    would load the current code); its dependencies are this venv's.
+    """
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", f"{ref}^{{commit}}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
+    tree = tmp / f"ref-{commit}"
+    tar = subprocess.run(
+        ["git", "archive", "--format=tar", commit],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        tf.extractall(tree, filter="data")
+    launcher = tmp / "ref_broker.py"
+    launcher.write_text(
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {str(tree)!r})\n"
+        "import broker\n"
+        "print('broker-ref: running', broker.__file__, file=sys.stderr, flush=True)\n"
+        "runpy.run_module('broker', run_name='__main__', alter_sys=True)\n"
+    )
+    return BROKER_CMD.replace("-m broker", shlex.quote(str(launcher)), 1), commit
+
+
 async def run(args: argparse.Namespace) -> int:
-    """Run every selected scenario against every server; print and save the report."""
+    """Run every selected scenario against every server; print and save the report.
+
+    Config files and another commit's tree live in a temporary directory that
+    is removed however the run ends.
+    """
+    # SIGTERM (and SIGINT, which a shell's background job ignores) cancel the
+    # run, so that every server it started is stopped on the way out.
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        return await run_in(args, Path(tmp))
+
+
+async def run_in(args: argparse.Namespace, tmp: Path) -> int:
+    """The body of ``run``, with its temporary directory."""
     t_start = time.perf_counter()
     scen = [s for s in SCENARIOS if s in args.scenarios.split(",")]
+    variants = set(filter(None, args.variants.split(",")))
     RESULTS.mkdir(parents=True, exist_ok=True)
     log_dir = RESULTS / "logs"
     log_dir.mkdir(exist_ok=True)
     for old in log_dir.glob("*.log"):
         old.unlink()
     templates = {"baseline": args.baseline_cmd, "broker": args.broker_cmd}
-    dialects: dict[str, clients.Dialect] = {"baseline": clients.JsonDialect(),
-                                            "broker": clients.JsonDialect()}
+    dialects: dict[str, clients.Dialect] = {"json": clients.JsonDialect()}
     if args.socketio:
         templates["socketio"] = args.socketio_cmd
         dialects["socketio"] = clients.SocketIODialect()
-    rv = redis_info(args.redis_url) if "redis" in scen else None
-    ctx = Ctx(args, dialects, templates, log_dir, f"bench.p{os.getpid()}", rv,
-              redis_pid(redis_target(args.redis_url)[1]) if rv else None, {}, [])
-    if "redis" in scen and rv is None:
-        msg = f"redis: no Redis answering at {args.redis_url}"
-        if args.require_redis:
-            ctx.failures.append(msg)
-        print(f"{msg}; skipping the redis scenario")
-        scen.remove("redis")
-    if "redis" in scen:
-        dialects["broker-redis"] = dialects["broker-redis-2proc"] = clients.JsonDialect()
+    ref_label = ""
+    if args.compare_ref:
+        templates["broker-ref"], ref_label = prepare_ref(args.compare_ref, tmp)
+    elif args.compare_cmd:
+        templates["broker-ref"], ref_label = args.compare_cmd, "--compare-cmd"
+    configs: dict[str, Path] = {}
+    if "auth" in variants:
+        configs["auth"] = tmp / "auth.toml"
+        configs["auth"].write_text(auth_config(JWT_SECRET))
+        # One token (and subject) per connection of the largest scenario, minted now.
+        n_tok = 1 + max(
+            args.subscribers, args.channels * args.subs_per_channel, args.connect_connections
+        )
+        root = [f"{CHANNEL_ROOT}.>"]
+        tokens = clients.mint_tokens(JWT_SECRET, min(n_tok, 20_000), root, root)
+        dialects["auth"] = clients.AuthJsonDialect(tokens, args.auth_via)
+        # The connect scenario also measures the token in the handshake.
+        dialects["broker-auth-header"] = clients.AuthJsonDialect(tokens, "header")
+    if "history" in variants:
+        configs["history"] = tmp / "history.toml"
+        configs["history"].write_text(history_config(args.history_size, args.history_ttl))
+        dialects["history"] = clients.JsonDialect()
+    elif "recovery" in scen:
+        print("recovery needs the history variant; skipping it")
+        scen.remove("recovery")
+    if "redis-channels" in scen and "history" not in variants:
+        scen.remove("redis-channels")
+    on_redis = {"redis", "redis-channels", "recovery"}
+    rv = redis_info(args.redis_url) if on_redis & set(scen) else None
+    ctx = Ctx(
+        args,
+        dialects,
+        templates,
+        log_dir,
+        f"{CHANNEL_ROOT}.p{os.getpid()}",
+        rv,
+        redis_pid(redis_target(args.redis_url)[1]) if rv else None,
+        {},
+        [],
+        configs=configs,
+        ref_label=ref_label,
+    )
+    for s in ("redis", "redis-channels"):
+        if s in scen and rv is None:
+            msg = f"{s}: no Redis answering at {args.redis_url}"
+            if args.require_redis:
+                ctx.failures.append(msg)
+            print(f"{msg}; skipping the {s} scenario")
+            scen.remove(s)
 
-    pinned = "unpinned" if args.no_pin else (
-        f"servers on core {args.server_core}, load generator on core {args.loadgen_core}")
+    pinned = (
+        "unpinned"
+        if args.no_pin
+        else (f"servers on core {args.server_core}, load generator on core {args.loadgen_core}")
+    )
     print(f"bench: {'SMOKE ' if args.smoke else ''}scenarios {','.join(scen)}; {pinned}")
+    if ref_label:
+        print(f"broker-ref: {ref_label} ({templates['broker-ref']})")
     for s in scen:
-        peers = ["broker-redis", "broker-redis-2proc"] if s == "redis" else list(templates)
+        peers = ctx.peers(s)
         for k in range(args.rounds):
             # Alternate the order, so that neither side always runs first (on a
             # machine just left warm, or cold) in every round.
@@ -722,6 +1192,7 @@ async def run(args: argparse.Namespace) -> int:
         "pinning": pinned,
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": ctx.results,
+        "runs": ctx.runs,  # every round of every server, in order
         "summary": rows,
         "failures": ctx.failures,
         "table_markdown": md,
@@ -753,7 +1224,11 @@ def main(argv: list[str] | None = None) -> int:
             os.sched_setaffinity(0, {args.loadgen_core})
     import uvloop
 
-    return uvloop.run(run(args))
+    try:
+        return uvloop.run(run(args))
+    except asyncio.CancelledError:
+        print("\nbench: interrupted; every server it started was stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ async def subscribe(sid: str, channel: str) -> str:
 @sio.event
 async def publish(sid: str, msg: dict[str, Any]) -> str:
     """Emit the message to every member of the channel's room."""
-    await sio.emit("message", {"channel": msg["channel"], "data": msg["data"]},
-                   room=msg["channel"])
+    await sio.emit("message", {"channel": msg["channel"], "data": msg["data"]}, room=msg["channel"])
     return "ok"
 
 

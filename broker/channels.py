@@ -1,25 +1,33 @@
-"""Channel names, patterns, and the subscription index that matches them.
+"""Channel names and patterns: what is valid, and what matches what.
 
 A channel is 1 to 255 characters: ``.``-separated tokens of ASCII letters,
 digits, ``_``, ``-`` and ``:``. A pattern may also use ``*`` as a whole token
 (exactly one token) and ``>`` as the last token (one or more tokens).
-
-The index is a token trie, so matching a channel costs about its number of
-tokens plus the number of matching subscriptions, however many channels are
-in use. It is generic over the subscriber type and knows nothing of sockets.
+``matches`` is the reference the subscription index (``broker.index``) is
+tested against.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Generic, TypeVar
 
 from broker.exceptions import BadChannel
+
+__all__ = [
+    "MAX_CHANNEL_LENGTH",
+    "check_channel",
+    "check_pattern",
+    "is_pattern",
+    "is_token",
+    "matches",
+    "pattern_within",
+    "patterns_overlap",
+]
 
 MAX_CHANNEL_LENGTH = 255
 
 _TOKEN = r"[A-Za-z0-9_:\-]+"
+_TOKEN_RE = re.compile(_TOKEN)
 _CHANNEL_RE = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
 _PATTERN_RE = re.compile(rf"(?:{_TOKEN}|\*)(?:\.(?:{_TOKEN}|\*))*(?:\.>)?|>")
 
@@ -57,6 +65,45 @@ def matches(pattern: str, channel: str) -> bool:
     return len(want) == len(have)
 
 
+def is_token(text: str) -> bool:
+    """Whether ``text`` is one valid channel token (no ``.``, ``*``, ``>`` or space)."""
+    return _TOKEN_RE.fullmatch(text) is not None
+
+
+def pattern_within(inner: str, outer: str) -> bool:
+    """Whether every channel ``inner`` can match is matched by ``outer`` (both valid).
+
+    ``sensors.*`` is within ``sensors.>``; ``>`` is within nothing narrower. A
+    channel is a pattern that matches only itself, so this also answers
+    whether ``outer`` matches a channel.
+    """
+    have = inner.split(".")
+    want = outer.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i  # one or more tokens, whatever they are
+        if i >= len(have):
+            return False
+        mine = have[i]
+        if mine == ">":
+            return False  # inner goes on for any length; outer does not
+        if token != "*" and mine != token:
+            return False  # a different literal, or a '*' that is broader
+    return len(have) == len(want)
+
+
+def patterns_overlap(first: str, second: str) -> bool:
+    """Whether some channel is matched by both patterns (both valid)."""
+    a = first.split(".")
+    b = second.split(".")
+    for x, y in zip(a, b, strict=False):
+        if x == ">" or y == ">":
+            return True  # the other has a token here, and what follows can be chosen
+        if x != y and x != "*" and y != "*":
+            return False
+    return len(a) == len(b)
+
+
 def _why_invalid(name: str) -> str:
     shown = name if len(name) <= 40 else name[:37] + "..."
     if not name:
@@ -71,132 +118,9 @@ def _why_invalid(name: str) -> str:
             return f"invalid channel {shown!r}: '>' is only allowed as the last token"
         if ("*" in token or ">" in token) and len(token) > 1:
             return f"invalid channel {shown!r}: '*' and '>' must be whole tokens"
-        if not re.fullmatch(_TOKEN, token) and token not in ("*", ">"):
+        if not _TOKEN_RE.fullmatch(token) and token not in ("*", ">"):
             return (
                 f"invalid channel {shown!r}: tokens may only contain "
                 "ASCII letters, digits, '_', '-' and ':'"
             )
     return f"invalid channel {shown!r}"
-
-
-S = TypeVar("S")
-
-
-class _Node(Generic[S]):
-    __slots__ = ("children", "subscribers")
-
-    def __init__(self) -> None:
-        self.children: dict[str, _Node[S]] = {}
-        # A dict keeps insertion order, so delivery order is stable and testable.
-        self.subscribers: dict[S, None] = {}
-
-
-class SubscriptionIndex(Generic[S]):
-    """Maps channels and patterns to subscribers; matches a channel in O(tokens).
-
-    ``add`` and ``remove`` report when a pattern gains its first subscriber or
-    loses its last one, which is when the backplane must follow.
-    """
-
-    def __init__(self) -> None:
-        self._root: _Node[S] = _Node()
-        self._count = 0
-        self._patterns: dict[str, int] = {}
-
-    def __len__(self) -> int:
-        """The number of (pattern, subscriber) pairs."""
-        return self._count
-
-    def patterns(self) -> Iterator[str]:
-        """Every pattern that has at least one subscriber."""
-        return iter(list(self._patterns))
-
-    def has(self, pattern: str) -> bool:
-        """Whether ``pattern`` has at least one subscriber."""
-        return pattern in self._patterns
-
-    def add(self, pattern: str, subscriber: S) -> bool:
-        """Subscribe; return True if ``pattern`` had no subscriber before."""
-        node = self._root
-        for token in pattern.split("."):
-            child = node.children.get(token)
-            if child is None:
-                child = node.children[token] = _Node()
-            node = child
-        if subscriber in node.subscribers:
-            return False
-        node.subscribers[subscriber] = None
-        self._count += 1
-        first = pattern not in self._patterns
-        self._patterns[pattern] = self._patterns.get(pattern, 0) + 1
-        return first
-
-    def remove(self, pattern: str, subscriber: S) -> bool:
-        """Unsubscribe; return True if that was the pattern's last subscriber.
-
-        Removing a pair that is not there is a no-op returning False.
-        """
-        path: list[tuple[_Node[S], str]] = []
-        node = self._root
-        for token in pattern.split("."):
-            child = node.children.get(token)
-            if child is None:
-                return False
-            path.append((node, token))
-            node = child
-        if subscriber not in node.subscribers:
-            return False
-        del node.subscribers[subscriber]
-        self._count -= 1
-        remaining = self._patterns[pattern] - 1
-        if remaining:
-            self._patterns[pattern] = remaining
-        else:
-            del self._patterns[pattern]
-        # Prune empty branches so a churn of unique channels does not leak nodes.
-        for parent, token in reversed(path):
-            child = parent.children[token]
-            if child.subscribers or child.children:
-                break
-            del parent.children[token]
-        return remaining == 0
-
-    def match(self, channel: str) -> list[dict[S, None]]:
-        """Return the subscriber sets of every pattern matching ``channel``.
-
-        A subscriber may appear in several sets; callers that need each once
-        (deliver once per connection) merge them. The common case is one set.
-        """
-        tokens = channel.split(".")
-        last = len(tokens)
-        found: list[dict[S, None]] = []
-        stack: list[tuple[_Node[S], int]] = [(self._root, 0)]
-        while stack:
-            node, depth = stack.pop()
-            if depth == last:
-                if node.subscribers:
-                    found.append(node.subscribers)
-                continue
-            children = node.children
-            if not children:
-                continue
-            tail = children.get(">")
-            if tail is not None and tail.subscribers:
-                found.append(tail.subscribers)
-            star = children.get("*")
-            if star is not None:
-                stack.append((star, depth + 1))
-            exact = children.get(tokens[depth])
-            if exact is not None:
-                stack.append((exact, depth + 1))
-        return found
-
-    def subscribers(self, channel: str) -> list[S]:
-        """Every subscriber matching ``channel``, each once."""
-        sets = self.match(channel)
-        if len(sets) == 1:
-            return list(sets[0])
-        merged: dict[S, None] = {}
-        for subscribers in sets:
-            merged.update(subscribers)
-        return list(merged)

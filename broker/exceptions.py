@@ -9,6 +9,8 @@
     │   ├── BadChannel          bad_channel
     │   ├── NotSubscribed       not_subscribed
     │   ├── TooLarge            too_large
+    │   ├── Unauthorized        unauthorized (no or invalid credentials)
+    │   ├── TokenExpired        token_expired
     │   ├── Forbidden           forbidden
     │   ├── RateLimited         rate_limited
     │   ├── LimitExceeded       limit_exceeded
@@ -24,6 +26,27 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from broker.codes import ERROR_CODES, ErrorCode
+
+__all__ = [
+    "ERROR_CODES",
+    "BackplaneError",
+    "BadChannel",
+    "BadFrame",
+    "BadRequest",
+    "BrokerError",
+    "ConfigError",
+    "Forbidden",
+    "LimitExceeded",
+    "NotSubscribed",
+    "RateLimited",
+    "RequestError",
+    "TokenExpired",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+]
+
 
 class BrokerError(Exception):
     """Base class of every exception the broker raises on purpose."""
@@ -32,7 +55,7 @@ class BrokerError(Exception):
 class RequestError(BrokerError):
     """A request failed for a reason the client can be told about."""
 
-    code: ClassVar[str] = "internal"
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
     #: HTTP status the service API answers with for this error.
     http_status: ClassVar[int] = 500
 
@@ -44,47 +67,57 @@ class RequestError(BrokerError):
 
 
 class BadFrame(RequestError):
-    code = "bad_frame"
+    code = ErrorCode.BAD_FRAME
     http_status = 400
 
 
 class BadRequest(RequestError):
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
     http_status = 400
 
 
 class BadChannel(RequestError):
-    code = "bad_channel"
+    code = ErrorCode.BAD_CHANNEL
     http_status = 400
 
 
 class NotSubscribed(RequestError):
-    code = "not_subscribed"
+    code = ErrorCode.NOT_SUBSCRIBED
     http_status = 409
 
 
 class TooLarge(RequestError):
-    code = "too_large"
+    code = ErrorCode.TOO_LARGE
     http_status = 413
 
 
+class Unauthorized(RequestError):
+    code = ErrorCode.UNAUTHORIZED
+    http_status = 401
+
+
+class TokenExpired(RequestError):
+    code = ErrorCode.TOKEN_EXPIRED
+    http_status = 401
+
+
 class Forbidden(RequestError):
-    code = "forbidden"
+    code = ErrorCode.FORBIDDEN
     http_status = 403
 
 
 class RateLimited(RequestError):
-    code = "rate_limited"
+    code = ErrorCode.RATE_LIMITED
     http_status = 429
 
 
 class LimitExceeded(RequestError):
-    code = "limit_exceeded"
+    code = ErrorCode.LIMIT_EXCEEDED
     http_status = 429
 
 
 class Unavailable(RequestError):
-    code = "unavailable"
+    code = ErrorCode.UNAVAILABLE
     http_status = 503
 
 
@@ -93,19 +126,12 @@ class ConfigError(BrokerError):
 
 
 class BackplaneError(BrokerError):
-    """The backplane could not carry out an operation (for example Redis is down)."""
+    """The backplane could not carry out an operation (for example Redis is down).
 
+    ``maybe_sent``: the operation had left this process when it failed (a
+    time-out on a stalled link), so it may still take effect.
+    """
 
-#: Every wire error code, in the order of PROTOCOL.md.
-ERROR_CODES: tuple[str, ...] = (
-    "bad_frame",
-    "bad_request",
-    "bad_channel",
-    "not_subscribed",
-    "too_large",
-    "forbidden",
-    "rate_limited",
-    "limit_exceeded",
-    "unavailable",
-    "internal",
-)
+    def __init__(self, message: str, *, maybe_sent: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_sent = maybe_sent

@@ -1,91 +1,171 @@
 """The hub: local subscriptions, backplane interest, and fan-out.
 
-Theory of operation. The index maps patterns to local subscribers. The first
-local subscriber of a pattern makes the hub subscribe on the backplane, the
-last one leaving unsubscribes; both happen under a per-pattern lock and the
-count is re-checked after every await, so a subscribe racing an unsubscribe of
-the same pattern always ends in the right state.
+Theory of operation. The index maps patterns to local peers. The first local
+subscriber of a pattern makes the hub subscribe on the backplane, the last one
+leaving unsubscribes; both happen under a per-pattern lock and the count is
+re-checked after every await, so a subscribe racing an unsubscribe of the same
+pattern always ends in the right state.
 
-Fan-out (``deliver``) is synchronous and never awaits a subscriber: the
-message frame is encoded once, framed once, and the same bytes are handed to
-every matching subscriber, each once however many of its patterns match.
+Fan-out (``deliver``) is synchronous and never awaits a peer: the message
+frame's JSON is encoded once and the same bytes object is handed to every
+matching peer, each once however many of its patterns match. How those bytes
+travel (WebSocket framing, compression) is the transport's business: the hub
+knows nothing of sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from time import perf_counter
 from typing import Protocol
 
-from broker.backplane import Backplane
-from broker.channels import SubscriptionIndex
+from broker.backplane import Backplane, Position
 from broker.codec import encode_message
+from broker.index import SubscriptionIndex
 from broker.metrics import Metrics
-from broker.wsframe import text_frame
+from broker.session import Session
+
+__all__ = ["Hub", "Peer", "Recipient", "Tap"]
 
 
-class Subscriber(Protocol):
-    """Something that receives messages; in practice a WebSocket connection."""
+class Recipient(Protocol):
+    """What the hub's index holds: a peer, or a ``Tap`` standing in for one."""
 
-    def deliver(self, payload: bytes, wire: bytes) -> None:
-        """Queue one message frame: ``payload`` is its JSON, ``wire`` the framed bytes.
+    def deliver(self, payload: bytes) -> None:
+        """Queue one message frame's JSON; the same object goes to every recipient.
 
-        Must not block or raise; a subscriber that cannot keep up closes itself.
+        Must not block or raise; a peer that cannot keep up closes itself.
         """
+
+    def send(self, payload: bytes) -> None:
+        """Queue a reply-like frame's JSON, in order with delivered messages."""
+
+
+class Peer(Recipient, Protocol):
+    """A connected client as the hub and the node see it.
+
+    The WebSocket transport's peer is ``outbox.Outbox``; tests use fakes.
+    """
+
+    session: Session
+
+    def close(self, code: int, reason: str) -> None:
+        """Start closing with ``code`` after what is queued; returns at once."""
 
 
 class Hub:
     """Holds this process's subscriptions and delivers messages to them."""
 
     def __init__(self, backplane: Backplane, metrics: Metrics) -> None:
-        self.index: SubscriptionIndex[Subscriber] = SubscriptionIndex()
+        #: The position of the message being delivered (for ``Tap``), or None.
+        self.position: Position | None = None
+        self._index: SubscriptionIndex[Recipient] = SubscriptionIndex()
         self._backplane = backplane
         self._metrics = metrics
         self._on_backplane: set[str] = set()
         self._locks: dict[str, _PatternLock] = {}
 
-    async def subscribe(self, pattern: str, subscriber: Subscriber) -> None:
-        """Deliver ``pattern`` to ``subscriber``; returns once the backplane carries it."""
-        self.index.add(pattern, subscriber)
+    @property
+    def subscription_count(self) -> int:
+        """Local (pattern, peer) subscriptions."""
+        return len(self._index)
+
+    @property
+    def pattern_count(self) -> int:
+        """Distinct channels and patterns with at least one local subscriber."""
+        return self._index.pattern_count
+
+    def wants(self, pattern: str) -> bool:
+        """Whether some local peer is subscribed to ``pattern``."""
+        return self._index.has(pattern)
+
+    def patterns(self) -> list[str]:
+        """Every channel and pattern with at least one local subscriber."""
+        return list(self._index.patterns())
+
+    def subscribers(self, channel: str) -> list[Recipient]:
+        """Every local peer a message on ``channel`` would reach, each once."""
+        return self._index.subscribers(channel)
+
+    async def subscribe(self, pattern: str, peer: Recipient) -> None:
+        """Deliver ``pattern`` to ``peer``; returns once the backplane carries it."""
+        self._index.add(pattern, peer)
         if pattern not in self._on_backplane or pattern in self._locks:
             # New here, or a change of the same pattern is in flight: wait for it.
             await self._sync(pattern)
 
-    async def unsubscribe(self, pattern: str, subscriber: Subscriber) -> None:
-        """Stop delivering ``pattern`` to ``subscriber``; takes effect at once locally.
+    async def unsubscribe(self, pattern: str, peer: Recipient) -> None:
+        """Stop delivering ``pattern`` to ``peer``; takes effect at once locally.
 
-        The backplane's interest is dropped whenever nobody here wants ``pattern``
-        any more, also when ``subscriber`` was already taken out of the index
-        (``Node.detach`` does that first, so no message reaches a closed peer).
+        The backplane's interest is dropped whenever nobody here wants
+        ``pattern`` any more, also when ``peer`` was already taken out of the
+        index (``drop``), so a closed peer's patterns are released too.
         """
-        self.index.remove(pattern, subscriber)
-        if not self.index.has(pattern) and (
+        self._index.remove(pattern, peer)
+        if not self._index.has(pattern) and (
             pattern in self._on_backplane or pattern in self._locks
         ):
             await self._sync(pattern)
 
-    def deliver(self, channel: str, data: bytes) -> None:
+    def drop(self, peer: Recipient, patterns: Iterable[str]) -> None:
+        """Stop delivering ``patterns`` to ``peer`` now, without touching the backplane.
+
+        For a peer that is going away: no message may reach it after this
+        returns; ``unsubscribe`` each pattern afterwards to release the
+        backplane's interest.
+        """
+        for pattern in patterns:
+            self._index.remove(pattern, peer)
+
+    def deliver(self, channel: str, data: bytes, position: Position | None = None) -> None:
         """Fan a message out to every local subscriber of ``channel``.
 
-        This is the backplane's ``deliver`` callback: synchronous, never raises
-        for a subscriber's sake.
+        The backplane's ``deliver``: synchronous, never raises for a peer's sake.
         """
         metrics = self._metrics
         metrics.messages_received += 1
-        sets = self.index.match(channel)
+        sets = self._index.match(channel)
         if not sets:
             return
-        payload = encode_message(channel, data)
-        wire = text_frame(payload)
+        started = perf_counter()
+        self.position = position
+        payload = encode_message(channel, data, position)
         if len(sets) == 1:
             targets = sets[0]
         else:
             targets = {}
-            for subscribers in sets:
-                targets.update(subscribers)
-        # Copy: a subscriber closing itself during delivery changes the index.
-        for subscriber in list(targets):
-            subscriber.deliver(payload, wire)
+            for peers in sets:
+                targets.update(peers)
+        # Copy: a peer closing itself during delivery changes the index.
+        for peer in list(targets):
+            peer.deliver(payload)
         metrics.messages_delivered += len(targets)
+        metrics.fanout.observe(perf_counter() - started)
+
+    def swap(self, pattern: str, old: Recipient, new: Recipient) -> None:
+        """Hand ``old``'s subscription to ``pattern`` over to ``new``, with no message between.
+
+        Synchronous: the backplane's interest does not change (the pattern has a
+        subscriber throughout), and no delivery can come between the two steps.
+        """
+        self._index.add(pattern, new)
+        self._index.remove(pattern, old)
+
+    def matching_patterns(self, channel: str) -> list[str]:
+        """Every subscribed channel or pattern that matches ``channel``."""
+        return [pattern for pattern, _ in self._index.match_patterns(channel)]
+
+    def send_to_subscribers(self, pattern: str, frame: bytes) -> int:
+        """Send ``frame`` (a reply-like frame, such as ``gap``) to each peer of ``pattern``.
+
+        Only the peers subscribed to exactly this channel or pattern, not those
+        whose other patterns match it. Returns how many got it.
+        """
+        peers = [peer for peer in self._index.subscribers_of(pattern) if not isinstance(peer, Tap)]
+        for peer in peers:
+            peer.send(frame)
+        return len(peers)
 
     async def _sync(self, pattern: str) -> None:
         """Make the backplane's interest in ``pattern`` match the index."""
@@ -97,7 +177,7 @@ class Hub:
             async with entry.lock:
                 # Re-check after every await: the index may have changed meanwhile.
                 while True:
-                    wanted = self.index.has(pattern)
+                    wanted = self._index.has(pattern)
                     if wanted == (pattern in self._on_backplane):
                         return
                     if wanted:
@@ -110,6 +190,27 @@ class Hub:
             entry.users -= 1
             if not entry.users:
                 del self._locks[pattern]
+
+
+class Tap:
+    """Records what a channel delivers, with positions, while a peer's replay is read.
+
+    A stand-in subscriber: it holds the channel's backplane interest and keeps
+    every live message that arrives while the history is being read, so the
+    replay and the live stream can be joined with no hole and no duplicate.
+    """
+
+    __slots__ = ("_hub", "messages")
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self.messages: list[tuple[Position | None, bytes]] = []
+
+    def deliver(self, payload: bytes) -> None:
+        self.messages.append((self._hub.position, payload))
+
+    def send(self, payload: bytes) -> None:
+        return None  # a gap while recording: the replay decides what the peer is told
 
 
 class _PatternLock:

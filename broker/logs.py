@@ -58,4 +58,3 @@ def configure(level: str, fmt: str, worker: int | None = None) -> None:
     # websockets logs every failed handshake at error level with a traceback;
     # those are the client's problem, one line at info is enough.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

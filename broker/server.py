@@ -1,61 +1,107 @@
-"""The WebSocket front-end: ``websockets`` glue and the per-connection writer.
+"""The WebSocket front-end: ``websockets`` glue for the public port.
 
-Theory of operation. ``websockets`` owns the handshake, reading, pings and
-the closing handshake. Everything the broker sends (replies and messages)
-goes through a ``Connection``'s outbox instead of ``send()``: frames are
-appended to a list and, once per event-loop iteration, a ``Flusher`` writes
-each connection's list with a single ``transport.write``. A burst of messages
-therefore costs one system call per connection, not one per message, and
-replies stay in order with messages. The outbox counts the bytes it holds plus
-the transport's buffer; past ``max_backlog_bytes`` the connection is closed
-with 1013 and nothing else is affected.
-
-Messages are framed once by the hub (server frames are unmasked, so the bytes
-are the same for every connection). A connection that negotiated compression
-cannot share them and frames its own through ``websockets``.
-
-The write itself skips asyncio's ``transport.write`` while that is safe: when
-the transport's buffer is empty, the outbox calls the socket's ``send``
-directly, and only what the kernel did not take goes to the transport, which
-then keeps it in order. Fan-out is one small write per connection, so the
-Python around each system call is most of what the broker itself costs. Every
-write ``websockets`` makes and every change of its state passes through
-``BrokerConnection.send_data`` or ``connection_lost``, which tell the outbox
-(``Connection.sync``); the outbox therefore knows, without asking on every
-write, whether the transport holds bytes and whether the connection is open.
+``websockets`` owns the handshake, reading, pings and the closing handshake.
+``WsConnection`` adapts it to the broker: it keeps each message's opcode
+(binary frames and invalid UTF-8 are ours to answer as ``bad_frame``),
+answers methods other than GET with a proper HTTP error, and tells the
+connection's ``Outbox`` (``broker.outbox``, everything the broker sends goes
+through it) whenever ``websockets`` wrote or changed state.
+``WebSocketFrontEnd`` serves ``/ws`` and a few plain GET routes and runs one
+handler per connection: read a frame, hand it to the node, until it closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
-from collections.abc import Callable
+import random
+import struct
+from collections.abc import Iterable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from broker import codec
-from broker.exceptions import LimitExceeded
-from broker.metrics import Metrics
+from broker.access import MAX_TOKEN_LENGTH, Handshake, OriginPolicy, Verified, client_address
+from broker.codes import CloseCode
+from broker.exceptions import LimitExceeded, Unauthorized
 from broker.node import Node
-from broker.session import Session
+from broker.outbox import Flusher, Outbox
 from broker.settings import Settings
-from broker.wsframe import text_frame
 
-log = logging.getLogger("broker.server")
+__all__ = ["WS_PATH", "Keepalive", "WebSocketFrontEnd", "WsConnection", "find_static_dir"]
+
+log = logging.getLogger(__name__)
 
 WS_PATH = "/ws"
-_OPEN = State.OPEN
+
+#: Client messages read ahead of the node; beyond it reading pauses and TCP
+#: pushes back on the client (websockets' own default is 16).
+MAX_READ_QUEUE = 64
 
 
-class BrokerConnection(ServerConnection):
+#: The instance attributes of websockets' ``Connection`` and ``ServerConnection``.
+WEBSOCKETS_SLOTS = (
+    "close_deadline", "close_timeout", "connection_exc", "connection_lost_waiter",
+    "debug", "drain_waiters", "id", "keepalive_task", "latency", "logger", "loop",
+    "max_queue_high", "max_queue_low", "paused", "pending_pings", "ping_interval",
+    "ping_timeout", "protocol", "recv_messages", "request", "request_rcvd", "response",
+    "send_in_progress", "server", "transport", "write_limit_high", "write_limit_low",
+)  # fmt: skip
+
+
+#: The headers of every connection's request once read: none (never modified).
+_NO_HEADERS = Headers()
+
+
+class _FrameQueue(list[Any]):
+    """The ``deque`` operations ``websockets``' frame queue uses, on a list.
+
+    An empty deque costs 760 bytes, an empty list 56; the queue holds at most
+    ``MAX_READ_QUEUE`` frames (then reading pauses), so ``pop(0)`` stays cheap.
+    ``tests/test_connection_memory.py`` checks that ``websockets`` uses no other.
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+    def extendleft(self, items: Iterable[Any]) -> None:
+        self[:0] = list(items)[::-1]
+
+
+class _ConnectionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """``websockets``' per-connection logger adapter, in slots, its ``extra`` made on use.
+
+    The same logger and the same ``{"websocket": <weak proxy>}`` extra as the
+    adapter ``websockets`` makes, without its instance dict and extra dict
+    kept for the connection's life (about 290 bytes).
+    """
+
+    __slots__ = ("_websocket", "logger")
+
+    def __init__(self, logger: Any, websocket: Any) -> None:
+        self.logger = logger
+        self._websocket = websocket
+
+    @property
+    def extra(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"websocket": self._websocket}
+
+
+class WsConnection(ServerConnection):
     """A ``ServerConnection`` that remembers whether each message was text or binary.
 
     ``recv(decode=False)`` returns bytes for both kinds (so invalid UTF-8 is
@@ -63,19 +109,43 @@ class BrokerConnection(ServerConnection):
     opcode; the opcodes of the first frames of messages are kept here, in order.
     """
 
-    # Slots, not instance attributes: websockets puts 27 attributes in the
-    # instance dict; with our three it held 30, CPython stopped sharing its
-    # keys between instances, and each connection cost 1.3 KiB more.
-    __slots__ = ("_sniffed", "opcodes", "outbox")
+    # Slots, not instance attributes, for ours and for websockets' own: with
+    # websockets' 27 in slots too, an idle connection measured 1.2 KiB less RSS
+    # (tracemalloc had put 1.6 KiB on the instance's attributes). A websockets
+    # release that adds an attribute only puts that one in a dict;
+    # tests/test_connection_memory.py checks that none is left there and that
+    # no slot hides a class attribute of websockets.
+    __slots__ = ("_sniffed", "opcodes", "outbox", "ping_entry", "verified", *WEBSOCKETS_SLOTS)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        adapter = self.protocol.logger
+        if isinstance(adapter, logging.LoggerAdapter) and adapter.extra is not None:
+            self.protocol.logger = self.logger = _ConnectionLogger(
+                adapter.logger, adapter.extra["websocket"]
+            )
         # A list, not a deque: an empty deque costs 760 bytes per connection, and
         # this holds at most max_queue entries.
         self.opcodes: list[Opcode] = []
         self._sniffed = False
         #: The broker's writer for this connection, once the handshake is done.
-        self.outbox: Connection | None = None
+        self.outbox: Outbox | None = None
+        #: The token of the handshake's ``Authorization`` header, once verified.
+        self.verified: Verified | None = None
+        # Appended to, removed from and iterated only (checked in tests), and
+        # empty unless the transport is paused: a list, not a 760-byte deque.
+        self.drain_waiters = []  # type: ignore[assignment]
+        #: This connection's entry in the front end's ``Keepalive``, while in it.
+        self.ping_entry: list[Any] | None = None
+
+    def start_keepalive(self) -> None:
+        # No task per connection: the front end's Keepalive pings every connection
+        # from one timer (the handler adds this one as soon as it runs).
+        return None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.recv_messages.frames.queue = _FrameQueue()  # type: ignore[assignment]
 
     def send_data(self) -> None:
         # websockets writes (handshake, pongs, pings, the close frame) and changes
@@ -121,176 +191,148 @@ class BrokerConnection(ServerConnection):
         self.transport.write(head.encode() + payload)
         self.transport.close()
 
+    def drop_handshake(self) -> None:
+        """Forget the handshake's headers once they have been read (about 2 KiB).
+
+        ``request`` stays (empty), as ``websockets``' parser keeps it too.
+        """
+        if self.request is not None:
+            self.request.headers = _NO_HEADERS  # frees them (clear() makes new containers)
+        self.response = None
+        self.request_rcvd = None  # type: ignore[assignment]  # a done future
+
     def process_event(self, event: Any) -> None:
         opcode = getattr(event, "opcode", None)
         if self.request is not None and (opcode is Opcode.TEXT or opcode is Opcode.BINARY):
             self.opcodes.append(opcode)
         super().process_event(event)
 
-    async def recv_frame(self) -> tuple[bytes, bool]:
-        """Return the next message's bytes and whether it was a text message."""
-        data = await self.recv(decode=False)
-        opcode = self.opcodes.pop(0) if self.opcodes else Opcode.TEXT
-        return data, opcode is Opcode.TEXT
+    def was_text(self) -> bool:
+        """Whether the message ``recv(decode=False)`` just returned was text.
 
-
-class Flusher:
-    """Writes every connection that has queued frames, once per loop iteration."""
-
-    def __init__(self) -> None:
-        self._dirty: list[Connection] = []
-        self._scheduled = False
-
-    def mark(self, connection: Connection) -> None:
-        """Schedule ``connection`` for the next flush."""
-        self._dirty.append(connection)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        """Write everything queued now (also called before a shutdown)."""
-        self._scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for connection in dirty:
-            connection.flush()
-
-
-class Connection:
-    """One client connection: its session, its outbox, and how it closes."""
-
-    __slots__ = (
-        "_buffered", "_cap", "_closer", "_closing", "_compressed", "_flusher", "_frames",
-        "_metrics", "_open", "_queued", "_send", "_transport", "session", "ws",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        ws: BrokerConnection,
-        session: Session,
-        flusher: Flusher,
-        settings: Settings,
-        metrics: Metrics,
-    ) -> None:
-        self.ws = ws
-        self.session = session
-        self._flusher = flusher
-        self._metrics = metrics
-        self._cap = settings.max_backlog_bytes
-        self._transport = ws.transport
-        self._compressed = bool(ws.protocol.extensions)
-        self._send = None if self._compressed else _direct_send(self._transport)
-        self._frames: list[bytes] = []
-        self._queued = 0  # bytes in _frames
-        self._buffered = 0  # bytes in the transport's buffer, as of the last look
-        self._open = True  # websockets' state is OPEN, as of the last look
-        self._closing = False
-        self._closer: asyncio.Task[None] | None = None
-        self.sync()
-        ws.outbox = self
-
-    def deliver(self, payload: bytes, wire: bytes) -> None:
-        """Queue a message; never blocks (see ``Subscriber``)."""
-        if self._closing:
-            return
-        frames = self._frames
-        frames.append(payload if self._compressed else wire)
-        self._queued += len(wire)
-        if self._queued + self._buffered > self._cap and self._over_cap():
-            return
-        if len(frames) == 1:
-            self._flusher.mark(self)
-
-    def send(self, payload: bytes) -> None:
-        """Queue a reply, in order with messages."""
-        self.deliver(payload, payload if self._compressed else text_frame(payload))
-
-    def sync(self) -> None:
-        """Look again at the transport's buffer and the connection's state.
-
-        Called whenever ``websockets`` may have written or changed state; a
-        write of ours that did not go straight to the socket re-reads the
-        buffer itself (``flush``), as the state cannot have changed.
+        Call once per message, right after ``recv``. (Not a coroutine around
+        ``recv``: one more frame held for the connection's life costs 256 bytes.)
         """
-        self._open = self.ws.protocol.state is _OPEN
-        self._buffered = self._transport.get_write_buffer_size()
+        opcode = self.opcodes.pop(0) if self.opcodes else Opcode.TEXT
+        return opcode is Opcode.TEXT
 
-    def flush(self) -> None:
-        """Write what is queued with one call. Called by the flusher."""
-        frames = self._frames
-        if not frames:
-            return
-        self._queued = 0
-        if not self._open:
-            frames.clear()
-            return  # closing: the peer will not read these any more
+
+class Keepalive:
+    """Pings every connection every ``interval`` seconds from one timer, not a task each.
+
+    It does what ``websockets``' keepalive does, whose task per connection
+    cost about 1 KiB of an idle connection's memory: a ping ``interval``
+    seconds after the connection opened and after each ping (or as soon as
+    the pong of a slow previous one came), and a connection that has not
+    answered a ping within ``timeout`` seconds fails with 1011 "keepalive ping
+    timeout" (``websockets``' own words and code path). One heap of entries
+    ``[when, seq, connection, pong waiter, ping sent at]`` holds the next
+    thing to check for each connection; ``discard`` empties an entry, so a
+    closed connection is not kept alive by it.
+    """
+
+    def __init__(self, interval: float, timeout: float) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self._heap: list[list[Any]] = []
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._failing: set[asyncio.Task[None]] = set()
+
+    def add(self, ws: WsConnection) -> None:
+        """Start pinging ``ws`` (an open connection), first in ``interval`` seconds."""
+        loop = asyncio.get_running_loop()
+        entry = [loop.time() + self.interval, next(self._seq), ws, None, 0.0]
+        ws.ping_entry = entry
+        self._push(entry)
+
+    def discard(self, ws: WsConnection) -> None:
+        """Stop pinging ``ws`` (closed); its entry leaves the heap when due."""
+        entry = ws.ping_entry
+        if entry is not None:
+            entry[2] = entry[3] = None
+            ws.ping_entry = None
+
+    async def close(self) -> None:
+        """Stop the timer; wait for the connections being failed to close."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._heap.clear()
+        if self._failing:
+            await asyncio.gather(*self._failing, return_exceptions=True)
+
+    def _push(self, entry: list[Any]) -> None:
+        heapq.heappush(self._heap, entry)
+        timer = self._timer
+        if timer is None or entry[0] < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = asyncio.get_running_loop().call_at(entry[0], self._run)
+
+    def _run(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            ws, waiter, sent = entry[2], entry[3], entry[4]
+            if ws is None:
+                continue  # discarded
+            if waiter is not None and not waiter.done():
+                if now >= sent + self.timeout:
+                    self.discard(ws)
+                    self._fail(ws)
+                    continue
+                entry[0] = sent + self.timeout  # the interval passed; the pong is late
+                heapq.heappush(heap, entry)
+                continue
+            if waiter is not None and now < sent + self.interval:
+                entry[0], entry[3] = sent + self.interval, None  # answered: next ping
+                heapq.heappush(heap, entry)
+                continue
+            waiter = self._ping(ws)
+            if waiter is None:
+                self.discard(ws)  # closing: websockets' keepalive would end too
+                continue
+            entry[3], entry[4] = waiter, now
+            entry[0] = now + min(self.interval, self.timeout)
+            heapq.heappush(heap, entry)
+        if heap:
+            self._timer = loop.call_at(heap[0][0], self._run)
+
+    @staticmethod
+    def _ping(ws: WsConnection) -> asyncio.Future[float] | None:
+        """Send a ping as ``websockets``' ``ping()`` does, synchronously; None if not open."""
+        if ws.protocol.state is not State.OPEN:
+            return None
+        pending = ws.pending_pings
+        data = struct.pack("!I", random.getrandbits(32))
+        while data in pending:
+            data = struct.pack("!I", random.getrandbits(32))
+        waiter: asyncio.Future[float] = ws.loop.create_future()
+        pending[data] = (waiter, ws.loop.time())
         try:
-            if self._compressed:
-                payloads = frames.copy()
-                frames.clear()
-                for payload in payloads:
-                    self.ws.protocol.send_text(payload)
-                self.ws.send_data()  # syncs
-            else:
-                data = frames[0] if len(frames) == 1 else b"".join(frames)
-                # Emptied, not replaced: a new list per write is a garbage-collected
-                # object made and freed per delivery.
-                frames.clear()
-                send = self._send
-                if send is not None and not self._buffered:
-                    try:
-                        sent = send(data)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    except OSError:
-                        sent = 0  # the transport meets it again below and closes
-                    if sent == len(data):
-                        return
-                    data = data[sent:]
-                self._transport.write(data)
-                self._buffered = self._transport.get_write_buffer_size()
+            ws.protocol.send_ping(data)
+            ws.send_data()
         except Exception:
-            log.exception("write failed; closing the connection")
-            self.close(1011, "write failed")
-            return
-        if self._buffered > self._cap:
-            self._over_cap()
+            log.exception("keepalive ping failed")
+        return waiter
 
-    def close(self, code: int, reason: str) -> None:
-        """Write what is queued, then start the closing handshake; returns at once."""
-        if self._closing:
-            return
-        self.flush()
-        if self._closing:
-            return  # the flush found a slow consumer and is closing it already
-        self._closing = True
-        self._closer = asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+    def _fail(self, ws: WsConnection) -> None:
+        task = asyncio.get_running_loop().create_task(_fail_keepalive(ws))
+        self._failing.add(task)
+        task.add_done_callback(self._failing.discard)
 
-    async def wait_closed(self) -> None:
-        """Wait for a close this connection started (owned by the handler)."""
-        if self._closer is not None:
-            await self._closer
 
-    def _over_cap(self) -> bool:
-        """Close a slow consumer; False if the transport has drained meanwhile."""
-        self._buffered = self._transport.get_write_buffer_size()
-        backlog = self._queued + self._buffered
-        if backlog <= self._cap:
-            return False
-        self._frames.clear()
-        self._queued = 0
-        self._metrics.slow_consumer_disconnects += 1
-        log.warning(
-            "slow consumer %s: %d bytes unsent, over the %d-byte cap; closing with 1013",
-            _peer_name(self.ws),
-            backlog,
-            self._cap,
-        )
-        self._closing = True
-        self._closer = asyncio.get_running_loop().create_task(
-            self.ws.close(1013, f"slow consumer: backlog over {self._cap} bytes")
-        )
-        return True
+async def _fail_keepalive(ws: WsConnection) -> None:
+    """Fail ``ws`` for a missing pong, exactly as ``websockets``' keepalive does."""
+    try:
+        async with ws.send_context():
+            ws.protocol.fail(CloseCode.INTERNAL, "keepalive ping timeout")
+    except ConnectionClosed:
+        pass
 
 
 class WebSocketFrontEnd:
@@ -299,7 +341,9 @@ class WebSocketFrontEnd:
     def __init__(self, settings: Settings, node: Node, static_dir: Path | None) -> None:
         self.settings = settings
         self.node = node
+        self._origins = OriginPolicy(settings.allowed_origins)
         self.flusher = Flusher()
+        self.keepalive = Keepalive(settings.ping_interval, settings.ping_timeout)
         self._static = static_dir
         self._server: Server | None = None
 
@@ -310,16 +354,17 @@ class WebSocketFrontEnd:
             self._handle,
             s.host,
             s.port,
-            create_connection=BrokerConnection,
+            create_connection=WsConnection,
             process_request=self._process_request,
             max_size=s.max_frame_bytes,
             compression="deflate" if s.compression else None,
             ping_interval=s.ping_interval,
             ping_timeout=s.ping_timeout,
             close_timeout=s.close_timeout,
-            max_queue=64,
+            max_queue=MAX_READ_QUEUE,
             server_header="broker",
             reuse_port=s.reuse_port,
+            backlog=s.listen_backlog,
         )
         return self._server
 
@@ -334,18 +379,40 @@ class WebSocketFrontEnd:
         if self._server is not None:
             self._server.server.close()
 
-    async def close(self, code: int = 1001, reason: str = "server shutting down") -> None:
+    async def drain(
+        self, spread: float, reason: str = "service restart", limit: int | None = None
+    ) -> None:
+        """Close every connection (or ``limit`` of them) with 1012, spread over ``spread`` s.
+
+        Ten batches a second: a process with 10,000 connections and the default
+        3 s closes about 330 every 100 ms, so their reconnects arrive spread out.
+        """
+        peers = list(self.node.peers)[:limit]
+        steps = max(1, round(spread * 10))
+        size = -(-len(peers) // steps)  # ceiling
+        for step in range(steps):
+            batch = peers[step * size : (step + 1) * size]
+            for peer in batch:
+                peer.close(CloseCode.RESTART, reason)
+            if (step + 1) * size >= len(peers):
+                break
+            await asyncio.sleep(spread / steps)
+
+    async def close(
+        self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down"
+    ) -> None:
         """Flush what is queued, close every connection with ``code``, wait for handlers."""
         if self._server is None:
             return
         self.flusher.flush()
         self._server.close(close_connections=True, code=code, reason=reason)
         await self._server.wait_closed()
+        await self.keepalive.close()
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == WS_PATH:
-            return None
+            return self._check_handshake(connection, request)
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
         static = _STATIC_ROUTES.get(path)
@@ -361,35 +428,99 @@ class WebSocketFrontEnd:
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = content_type
             response.headers["Cache-Control"] = "no-cache"
+            if name != "demo.html":
+                # The client may be imported by pages of other origins: the ones
+                # allowed to connect (any, when allowed_origins is empty).
+                origin = request.headers.get("Origin")
+                if not self.settings.allowed_origins:
+                    response.headers["Access-Control-Allow-Origin"] = "*"
+                elif origin is not None and self._origins.allows(origin):
+                    response.headers["Access-Control-Allow-Origin"] = origin
+                    response.headers["Vary"] = "Origin"
             return response
         return connection.respond(HTTPStatus.NOT_FOUND, f"not found: {path}; WebSocket is at /ws\n")
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        assert isinstance(ws, BrokerConnection)
-        node = self.node
+    def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Refuse a WebSocket handshake before the upgrade: draining, origin, bad token."""
+        if self.node.draining:
+            self.node.metrics.connections_rejected += 1
+            return _json_error(
+                connection,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "unavailable",
+                "this process is restarting; connect again (to another process)",
+            )
+        origin = request.headers.get("Origin")
+        if not self._origins.allows(origin):
+            log.warning("handshake refused: origin %r is not allowed", origin)
+            self.node.metrics.connections_rejected += 1
+            return _json_error(
+                connection, HTTPStatus.FORBIDDEN, "forbidden", f"origin {origin!r} is not allowed"
+            )
+        header = request.headers.get("Authorization")
+        verifier = self.node.verifier
+        if header is None or verifier is None:
+            return None  # with authentication off, the header means nothing to us
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
         try:
-            node.admit()
+            if scheme.lower() != "bearer" or not token:
+                raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+            if len(token) > MAX_TOKEN_LENGTH:
+                raise Unauthorized(f"token is longer than {MAX_TOKEN_LENGTH} characters")
+            assert isinstance(connection, WsConnection)
+            connection.verified = verifier.verify(token)
+        except Unauthorized as exc:
+            self.node.metrics.auth_failures += 1
+            self.node.metrics.connections_rejected += 1
+            response = _json_error(connection, HTTPStatus.UNAUTHORIZED, exc.code, exc.message)
+            response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+            return response
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, WsConnection)
+        node = self.node
+        handshake = handshake_of(ws, self.settings.trusted_proxies)
+        ws.drop_handshake()
+        verified, ws.verified = ws.verified, None
+        try:
+            node.admit(handshake)
+            sub = None if verified is None else verified.principal.sub
+            if sub is not None and node.user_full(sub):
+                limit = self.settings.max_connections_per_user
+                raise LimitExceeded(f"{limit} connections of {sub!r} already open")
         except LimitExceeded as exc:
-            log.warning("connection refused from %s: %s", _peer_name(ws), exc.message)
+            log.warning("connection refused from %s: %s", handshake.address, exc.message)
+            node.metrics.errors[exc.code] += 1
             await ws.send(codec.encode_error(None, exc.code, exc.message), text=True)
-            await ws.close(1013, "too many connections")
+            await ws.close(CloseCode.TRY_AGAIN, "too many connections")
             return
-        connection = Connection(ws, node.new_session(), self.flusher, self.settings, node.metrics)
-        node.attach(connection)
-        log.info("connection opened from %s (%d open)", _peer_name(ws), len(node.peers))
+        session = node.new_session(handshake, verified)
+        outbox = Outbox(ws, session, self.flusher, self.settings.max_backlog_bytes, node.metrics)
+        node.attach(outbox, handshake)
+        # This frame lives as long as the connection: keep only what it needs.
+        address = handshake.address
+        del handshake, verified, session
+        level = logging.INFO if self.settings.log_connections else logging.DEBUG
+        log.log(level, "connection opened from %s (%d open)", address, len(node.peers))
+        self.keepalive.add(ws)
         try:
             while True:
-                raw, text = await ws.recv_frame()
-                await node.receive(connection, raw, text=text)
+                raw = await ws.recv(decode=False)
+                await node.receive(outbox, raw, text=ws.was_text())
         except ConnectionClosed:
             pass
         finally:
-            await node.detach(connection)
-            await connection.wait_closed()
+            self.keepalive.discard(ws)
+            await node.detach(outbox)
+            await outbox.wait_closed()
             ws.outbox = None  # no cycle left for the garbage collector
-            log.info(
+            node.metrics.closes[ws.close_code if ws.close_code is not None else 1006] += 1
+            log.log(
+                level,
                 "connection closed from %s: code %s%s (%d open)",
-                _peer_name(ws),
+                address,
                 ws.close_code,
                 f" {ws.close_reason}" if ws.close_reason else "",
                 len(node.peers),
@@ -407,26 +538,31 @@ _STATIC_ROUTES: dict[str, tuple[str, str]] = {
 _GET_ROUTES = {"/healthz", *_STATIC_ROUTES}
 
 
-def _direct_send(transport: asyncio.BaseTransport) -> Callable[[bytes], int] | None:
-    """Return the socket's ``send`` if ``transport`` is asyncio's plain socket transport.
+def handshake_of(ws: ServerConnection, trusted_proxies: list[str]) -> Handshake:
+    """What the opening handshake of ``ws`` says about the client.
 
-    Only there is it known that the transport writes nothing of its own and
-    holds back only what is in its buffer. Other transports (uvloop's, TLS)
-    are always written through ``transport.write``.
+    The address is the peer's, or, when the peer is a trusted proxy, the client
+    ``X-Forwarded-For`` names (``access.client_address``).
     """
-    if type(transport).__module__ != "asyncio.selector_events":
-        return None
-    sock = getattr(transport, "_sock", None)
-    send = getattr(sock, "send", None)
-    return send if callable(send) else None
-
-
-def _peer_name(ws: ServerConnection) -> str:
     try:
         host, port = ws.remote_address[:2]
     except (TypeError, ValueError):
-        return "unknown"
-    return f"{host}:{port}"
+        host, port = "", 0
+    request = ws.request
+    headers = {} if request is None else {k.lower(): v for k, v in request.headers.raw_items()}
+    address = client_address(str(host), headers.get("x-forwarded-for"), trusted_proxies)
+    return Handshake(address=address, port=int(port), headers=headers)
+
+
+def _json_error(
+    connection: ServerConnection, status: HTTPStatus, code: str, message: str
+) -> Response:
+    """An HTTP error before the upgrade, in the service API's JSON error shape."""
+    body = orjson.dumps({"error": {"code": code, "message": message}}).decode() + "\n"
+    response = connection.respond(status, body)
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response
 
 
 def find_static_dir() -> Path | None:

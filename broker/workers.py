@@ -3,8 +3,17 @@
 Each worker is an ordinary ``broker serve`` process on the same ports with
 SO_REUSEPORT, so the kernel spreads connections across them; the Redis
 backplane makes them one broker. The parent restarts a worker that dies
-(with a capped backoff if it keeps dying), forwards SIGTERM/SIGINT to every
-worker for a graceful shutdown, and exits 0 once they all have.
+(with a capped backoff if it keeps dying), forwards SIGTERM to every worker
+(each drains: 1012 in batches) and SIGINT (each closes with 1001), and exits
+0 once they all have.
+
+The workers share their metrics through a directory the parent creates
+(``metrics_dir``, see ``broker.snapshots``), which the parent reads too: it
+logs one "ready: N workers" line once every worker reports ready, and when a
+replaced worker is ready again it asks the others (SIGUSR1) to shed what
+they hold above the average with 1012, so the newcomer does not stay empty
+while the survivors carry its share. Clients reconnect within about a second
+(the 1012 contract) and recover with ``since``, and SO_REUSEPORT spreads them.
 """
 
 from __future__ import annotations
@@ -12,20 +21,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 
+from broker.backoff import backoff_delay
+from broker.config import WORKER_CONFIG, worker_config_json
 from broker.settings import ENV_PREFIX, Settings
 
-log = logging.getLogger("broker.workers")
+log = logging.getLogger(__name__)
 
 #: Extra seconds the parent waits past the workers' own shutdown deadline.
 GRACE = 5.0
+#: Seconds before the first restart of a worker that died; doubled each time after.
+RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 10.0
+#: A worker that ran this many seconds before dying is restarted after the shortest wait.
+STABLE_RUN = 30.0
 #: A worker failing within this many seconds of its first start is not restarted.
 FIRST_START = 5.0
 _PR_SET_PDEATHSIG = 1
@@ -44,6 +62,16 @@ def _die_with_parent() -> None:
         pass
 
 
+def restart_delay(restarts: int) -> float:
+    """Seconds to wait before restart number ``restarts`` (1 is the first) of one worker.
+
+    0.5 s, doubling up to 10 s: a worker that keeps dying does not spin, one
+    that died once is back within half a second. No jitter: one supervisor has
+    nobody to fall into step with, and the wait is logged and asserted as is.
+    """
+    return backoff_delay(restarts, base=RESTART_BACKOFF_MIN, cap=RESTART_BACKOFF_MAX, rand=None)
+
+
 def check_ports_free(settings: Settings) -> None:
     """Bind both ports once without SO_REUSEPORT; raise ``OSError`` if either is taken.
 
@@ -54,19 +82,23 @@ def check_ports_free(settings: Settings) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
+            try:
+                probe.bind((host, port))
+            except OSError as exc:  # name the address, as a single process's error does
+                raise OSError(exc.errno, f"cannot bind {host}:{port}: {exc.strerror}") from None
 
 
 def worker_environment(settings: Settings, index: int) -> dict[str, str]:
-    """The environment of one worker: every resolved setting, as ``BROKER_*`` variables."""
+    """The environment of one worker: the resolved settings, whole, as one JSON value.
+
+    One variable (``BROKER_WORKER_CONFIG``) rather than a string per setting, so
+    lists, rules and secrets arrive exactly as the supervisor resolved them;
+    ``BROKER_*`` variables of the supervisor's own environment are not passed on.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    for name, value in settings.model_dump().items():
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        env[ENV_PREFIX + name.upper()] = str(value)
-    env[ENV_PREFIX + "WORKERS"] = "1"
-    env[ENV_PREFIX + "REUSE_PORT"] = "true"
-    env[ENV_PREFIX + "WORKER_INDEX"] = str(index)
+    update = {"workers": 1, "reuse_port": True, "worker_index": index}
+    worker = settings.model_copy(update=update)
+    env[WORKER_CONFIG] = worker_config_json(worker)
     return env
 
 
@@ -74,9 +106,12 @@ class Supervisor:
     """Keeps ``settings.workers`` worker processes running until told to stop."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        self._metrics_dir = tempfile.mkdtemp(prefix="broker-metrics-")
+        self.settings = settings.model_copy(update={"metrics_dir": self._metrics_dir})
         self.stopping = asyncio.Event()
         self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._replaced: set[int] = set()  # restarted workers not yet reported ready
+        self._signal: int = signal.SIGTERM  # what stopping was asked with, passed on
         self.failed = False
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
@@ -94,7 +129,7 @@ class Supervisor:
 
     async def _keep(self, index: int) -> None:
         """Run worker ``index``, restarting it whenever it dies unexpectedly."""
-        backoff = 0.5
+        restarts = 0  # since the worker last ran for STABLE_RUN seconds
         first = True
         while not self.stopping.is_set():
             started = time.monotonic()
@@ -112,19 +147,21 @@ class Supervisor:
                 self.stopping.set()
                 return
             first = False
-            if time.monotonic() - started > 30:
-                backoff = 0.5  # it ran fine for a while: restart at once
+            self._replaced.add(index)
+            if time.monotonic() - started > STABLE_RUN:
+                restarts = 0  # it ran fine for a while: back to the shortest wait
+            restarts += 1
+            delay = restart_delay(restarts)
             log.log(
                 logging.INFO if code == 0 else logging.ERROR,
                 "worker %d (pid %d) exited with %d; restarting in %.1fs",
                 index,
                 proc.pid,
                 code,
-                backoff,
+                delay,
             )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), backoff)
-            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+                await asyncio.wait_for(self.stopping.wait(), delay)
 
     def _forward(self, signum: int) -> None:
         for proc in self._procs.values():
@@ -135,7 +172,7 @@ class Supervisor:
         """Supervise until SIGTERM/SIGINT; returns the exit status (0 if all stopped)."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stopping.set)
+            loop.add_signal_handler(signum, self._stop, signum)
         log.info(
             "supervising %d workers on ports %d and %d",
             self.settings.workers,
@@ -143,9 +180,23 @@ class Supervisor:
             self.settings.http_port,
         )
         keepers = [asyncio.create_task(self._keep(i)) for i in range(self.settings.workers)]
+        watcher = asyncio.create_task(self._watch(), name="readiness")
+        try:
+            return await self._until_stopped(keepers)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _stop(self, signum: int) -> None:
+        self._signal = signum
+        self.stopping.set()
+
+    async def _until_stopped(self, keepers: list[asyncio.Task[None]]) -> int:
         await self.stopping.wait()
-        log.info("stopping %d workers", len(self._procs))
-        self._forward(signal.SIGTERM)
+        signum = self._signal
+        log.info("stopping %d workers (%s)", len(self._procs), signal.Signals(signum).name)
+        self._forward(signum)
         deadline = self.settings.shutdown_timeout + GRACE
         _, pending = await asyncio.wait(keepers, timeout=deadline)
         status = 0
@@ -157,10 +208,55 @@ class Supervisor:
                 task.cancel()
             status = 1
         for proc in self._procs.values():
-            if proc.returncode not in (0, None):
+            # -15: a worker signalled before it had installed its handlers (just
+            # started) stops at once; that is a clean stop, not a failure.
+            if proc.returncode not in (0, None, -signal.SIGTERM, -signal.SIGINT):
                 status = 1
         log.info("all workers stopped")
         return 2 if self.failed else status
+
+    async def _watch(self) -> None:
+        """Log when all workers are ready; rebalance when a replaced one is."""
+        announced = False
+        while True:
+            await asyncio.sleep(0.2)
+            ready = self._ready_workers()
+            if not announced and len(ready) == self.settings.workers:
+                announced = True
+                pids = ", ".join(str(self._procs[i].pid) for i in sorted(ready) if i in self._procs)
+                log.info("ready: %d workers (pids %s)", len(ready), pids)
+            for index in sorted(self._replaced & ready):
+                self._replaced.discard(index)
+                if not self.settings.rebalance_workers:
+                    continue
+                others = [
+                    proc
+                    for i, proc in self._procs.items()
+                    if i != index and proc.returncode is None
+                ]
+                log.info(
+                    "worker %d is back: asking %d others to shed their extra connections",
+                    index,
+                    len(others),
+                )
+                for proc in others:
+                    proc.send_signal(signal.SIGUSR1)
+
+    def _ready_workers(self) -> set[int]:
+        """Workers whose latest snapshot says ready, from their current process."""
+        ready = set()
+        for index, proc in self._procs.items():
+            if proc.returncode is not None:
+                continue  # dead, its replacement not spawned yet: its file is stale
+            path = os.path.join(self._metrics_dir, f"worker-{index}.json")
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    snapshot = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            if snapshot.get("info", {}).get("pid") == proc.pid and snapshot["gauges"]["ready"]:
+                ready.add(index)
+        return ready
 
 
 def supervise(settings: Settings) -> int:

@@ -3,12 +3,17 @@
     python examples/demo_publisher.py                      # until interrupted
     python examples/demo_publisher.py --count 20           # 20 rounds, then exit
     python examples/demo_publisher.py --http http://localhost:8001   # over the HTTP API
+    python examples/demo_publisher.py --token "$(broker token --sub demo --publish 'demo.>')"
 
 Every ``--interval`` seconds it publishes a random walk to ``demo.cpu``,
 ``demo.memory``, ``demo.temperature.kitchen`` and ``demo.temperature.office``,
 each as ``{"value": number, "unit": str, "seq": int}``. Over WebSocket it uses
 the Python client, so it rides out a broker restart: rounds that fail while
 the broker is away are reported and skipped, and it goes on once it is back.
+
+``--token`` is sent as ``Authorization: Bearer <token>``: a JWT that may
+publish to ``demo.>`` over WebSocket (a broker with authentication on), the
+``api_key`` with ``--http``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import asyncio
 import logging
 import random
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -49,6 +55,10 @@ def rounds(seed: int | None = None) -> Iterator[list[tuple[str, dict[str, Any]]]
         yield batch
 
 
+def _authorization(args: argparse.Namespace) -> dict[str, str] | None:
+    return {"Authorization": f"Bearer {args.token}"} if args.token else None
+
+
 def _limits(args: argparse.Namespace) -> Iterator[int]:
     deadline = time.monotonic() + args.duration if args.duration else None
     n = 0
@@ -59,24 +69,45 @@ def _limits(args: argparse.Namespace) -> Iterator[int]:
         yield n
 
 
-async def run_ws(args: argparse.Namespace) -> int:
+class Tally:
+    """What was published and what was not, for the line printed at exit."""
+
+    def __init__(self) -> None:
+        self.published = 0
+        self.failed = 0
+        self.started = time.monotonic()
+
+    def summary(self) -> str:
+        seconds = time.monotonic() - self.started
+        return (
+            f"demo_publisher: {self.published} messages published, {self.failed} not published,"
+            f" in {seconds:.1f} s"
+        )
+
+
+async def run_ws(args: argparse.Namespace, tally: Tally) -> int:
     source = rounds(args.seed)
-    async with connect(args.url, retry_first_connect=True, request_timeout=2.0) as client:
+    headers = _authorization(args)
+    async with connect(
+        args.url, retry_first_connect=True, request_timeout=2.0, additional_headers=headers
+    ) as client:
         log.info("publishing to %s every %.2f s", args.url, args.interval)
         for _ in _limits(args):
             started = time.monotonic()
             for channel, data in next(source):
                 try:
                     await client.publish(channel, data)
+                    tally.published += 1
                 except BrokerError as exc:  # the broker is away, or refused it
+                    tally.failed += 1
                     log.warning("%s not published: %s", channel, exc)
                     break
             await asyncio.sleep(max(0.0, args.interval - (time.monotonic() - started)))
     return 0
 
 
-def run_http(args: argparse.Namespace) -> int:
-    publisher = HttpPublisher(args.http, timeout=2.0)
+def run_http(args: argparse.Namespace, tally: Tally) -> int:
+    publisher = HttpPublisher(args.http, timeout=2.0, headers=_authorization(args))
     source = rounds(args.seed)
     log.info("publishing to %s every %.2f s", args.http, args.interval)
     for _ in _limits(args):
@@ -84,11 +115,17 @@ def run_http(args: argparse.Namespace) -> int:
         for channel, data in next(source):
             try:
                 publisher.publish(channel, data)
+                tally.published += 1
             except BrokerError as exc:
+                tally.failed += 1
                 log.warning("%s not published: %s", channel, exc)
                 break
         time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,21 +138,29 @@ def main(argv: list[str] | None = None) -> int:
         metavar="URL",
         help=f"publish over the HTTP API instead (default URL {DEFAULT_HTTP_URL})",
     )
+    parser.add_argument(
+        "--token",
+        help="bearer token: a JWT allowed to publish to demo.> (or, with --http, the api_key)",
+    )
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between rounds")
     parser.add_argument("--count", type=int, help="stop after this many rounds")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--seed", type=int, help="random seed, for repeatable values")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    tally = Tally()
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped by a supervisor: exit 0 with the summary
     try:
         if args.http:
-            return run_http(args)
-        return asyncio.run(run_ws(args))
+            return run_http(args, tally)
+        return asyncio.run(run_ws(args, tally))
     except KeyboardInterrupt:
         return 0
     except BrokerError as exc:
         print(f"demo_publisher: {exc}", file=sys.stderr)
         return 1
+    finally:
+        print(tally.summary(), file=sys.stderr)
 
 
 if __name__ == "__main__":

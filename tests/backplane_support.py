@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -24,19 +26,33 @@ from pathlib import Path
 
 import pytest
 
+from broker.backplane import Position
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 class Inbox:
-    """Records ``(channel, data)`` deliveries; ``wait_for`` awaits a condition on them."""
+    """A backplane ``Listener`` that records ``(channel, data)`` deliveries and link events.
+
+    ``wait_for`` awaits a condition on the deliveries.
+    """
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes]] = []
+        self.positions: list[Position | None] = []
+        self.links: list[str] = []  # "lost" and "restored", in order
         self._changed = asyncio.Event()
 
-    def __call__(self, channel: str, data: bytes) -> None:
+    def deliver(self, channel: str, data: bytes, position: Position | None) -> None:
         self.messages.append((channel, data))
+        self.positions.append(position)
         self._changed.set()
+
+    def link_lost(self) -> None:
+        self.links.append("lost")
+
+    def link_restored(self) -> None:
+        self.links.append("restored")
 
     def on(self, channel: str) -> list[bytes]:
         return [data for name, data in self.messages if name == channel]
@@ -108,6 +124,34 @@ def real_redis_url() -> str:
     return url
 
 
+DEFAULT_CLUSTER_URL = "redis://127.0.0.1:7101"
+
+
+def real_cluster_url() -> str:
+    """``REDIS_CLUSTER_URL`` (default redis://127.0.0.1:7101) if a healthy cluster answers there.
+
+    Fails in CI (``.ci/run`` starts one with ``.ci/redis-cluster``), skips elsewhere.
+    """
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    url = os.environ.get("REDIS_CLUSTER_URL", DEFAULT_CLUSTER_URL)
+    client = redis.Redis.from_url(
+        url, socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        info = client.execute_command("CLUSTER", "INFO")
+    except redis.RedisError as exc:
+        redis_unavailable(f"no Redis Cluster at {url}: {exc} (run .ci/redis-cluster start)")
+    finally:
+        client.close()
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    if "cluster_state:ok" not in text:
+        redis_unavailable(f"the Redis Cluster at {url} is not healthy")
+    return url
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -116,9 +160,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A ``redis-server`` of the test's own on a free port, without persistence."""
+    """A ``redis-server`` of the test's own on a free port.
 
-    def __init__(self, tls_dir: Path | None = None) -> None:
+    Without persistence by default (a restart loses everything, as a flush
+    would); with ``data_dir`` it keeps an append-only file fsynced on every
+    write, so a restart keeps what was written before it.
+    """
+
+    def __init__(self, tls_dir: Path | None = None, data_dir: Path | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             redis_unavailable("redis-server is not installed")
@@ -129,6 +178,12 @@ class RedisServer:
         self.tls_port = 0
         self.cert: Path | None = None
         self._tls_args: list[str] = []
+        self._persistence = ["--save", "", "--appendonly", "no"]
+        if data_dir is not None:
+            self._persistence = [
+                *("--save", "", "--appendonly", "yes", "--appendfsync", "always"),
+                *("--dir", str(data_dir)),
+            ]
         if tls_dir is not None:
             self._make_certificate(tls_dir)
 
@@ -162,7 +217,8 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--protected-mode", "no"),
+                *self._persistence,
+                *("--protected-mode", "no"),
                 *self._tls_args,
             ],
             stdout=subprocess.DEVNULL,
@@ -189,3 +245,123 @@ class RedisServer:
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class LocalCluster:
+    """A Redis Cluster of the test's own (three masters, three replicas) that it may break.
+
+    Started and stopped with ``.ci/redis-cluster`` on six free loopback ports,
+    in a data directory of its own, so killing a master here never disturbs the
+    shared cluster other tests use.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+            redis_unavailable("redis-server or redis-cli is not installed")
+        self.base = _free_port_run(6)
+        self.env = {
+            **os.environ,
+            "REDIS_CLUSTER_PORT": str(self.base),
+            "REDIS_CLUSTER_DIR": str(directory),
+        }
+        self.directory = directory
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.base}"
+
+    def _script(self, *args: str) -> None:
+        subprocess.run(
+            [str(REPO / ".ci" / "redis-cluster"), *args],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def start(self) -> None:
+        self._script("start")
+
+    def stop(self) -> None:
+        self._script("stop")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node, as a crash would."""
+        pid = int((self.directory / str(port) / "redis.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+
+    def start_node(self, port: int) -> None:
+        self._script("start-node", str(port))
+
+    def cli(self, *args: str, port: int | None = None) -> str:
+        result = subprocess.run(
+            ["redis-cli", "-p", str(port or self.base), *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return result.stdout
+
+    def master_of(self, slot: int, ask: int | None = None) -> int:
+        """The port of the master serving ``slot``, as node ``ask`` sees it."""
+        for line in self.cli("cluster", "nodes", port=ask).splitlines():
+            fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for part in fields[8:]:
+                if "[" in part:
+                    continue
+                start, _, end = part.partition("-")
+                if int(start) <= slot <= int(end or start):
+                    return int(fields[1].split(":")[1].split("@")[0])
+        raise AssertionError(f"no master serves slot {slot}")
+
+    def move_slot(self, slot: int, to_port: int) -> None:
+        """Reshard one slot, keys included, to the master at ``to_port`` (as redis-cli does)."""
+        from_port = self.master_of(slot)
+        source, target = (self.cli("cluster", "myid", port=p).strip() for p in (from_port, to_port))
+        self.cli("cluster", "setslot", str(slot), "importing", source, port=to_port)
+        self.cli("cluster", "setslot", str(slot), "migrating", target, port=from_port)
+        while keys := self.cli(
+            "cluster", "getkeysinslot", str(slot), "100", port=from_port
+        ).split():
+            self.cli(
+                "migrate", "127.0.0.1", str(to_port), "", "0", "5000", "keys", *keys, port=from_port
+            )
+        masters = {self.master_of(s) for s in (0, 8000, 16383)} | {to_port}
+        for port in sorted(masters):
+            self.cli("cluster", "setslot", str(slot), "node", target, port=port)
+
+    def replicas_in_sync(self) -> bool:
+        """Whether three replicas are in sync with their masters (so a failover can happen)."""
+        synced = 0
+        for port in range(self.base, self.base + 6):
+            try:
+                info = self.cli("info", "replication", port=port)
+            except subprocess.CalledProcessError:
+                continue
+            synced += "master_link_status:up" in info
+        return synced >= 3
+
+
+def _free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free ports (their bus ports, +10000, free too)."""
+    for _ in range(200):
+        base = random.randrange(20000, 22700)  # bus ports below the ephemeral range
+        ports = [base + i for i in range(count)] + [base + 10000 + i for i in range(count)]
+        if all(_port_free(port) for port in ports):
+            return base
+    raise AssertionError("no run of free ports found")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True

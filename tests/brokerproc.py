@@ -30,7 +30,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -39,6 +40,7 @@ __all__ = [
     "BrokerProcess",
     "BrokerStartError",
     "free_port",
+    "free_ports",
     "http_get",
     "wait_until",
 ]
@@ -55,6 +57,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free TCP ports (held open together while chosen, so never equal)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -99,8 +110,9 @@ class BrokerProcess:
         cwd: Path | None = None,
     ) -> None:
         self.host = host
-        self.port = port if port is not None else free_port(host)
-        self.http_port = http_port if http_port is not None else free_port(host)
+        ws_free, http_free = free_ports(2, host)  # two calls to free_port may agree
+        self.port = port if port is not None else ws_free
+        self.http_port = http_port if http_port is not None else http_free
         self.args = args
         self.log_level = log_level
         self.env = dict(env or {})
@@ -293,3 +305,20 @@ class BrokerProcess:
         """Stop the process if it runs and remove the log file."""
         self.stop()
         self.log_path.unlink(missing_ok=True)
+
+
+@asynccontextmanager
+async def running(*brokers: BrokerProcess) -> AsyncIterator[None]:
+    """Start ``brokers`` side by side; stop them on exit, showing their logs on failure."""
+    try:
+        results = await asyncio.gather(*(b.astart() for b in brokers), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        yield
+    except BaseException:
+        for b in brokers:
+            print(f"--- log of {b!r} ---\n{b.log_text()[-6000:]}")
+        raise
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(b.close) for b in brokers))

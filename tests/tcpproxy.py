@@ -5,6 +5,7 @@
     async with TcpProxy("127.0.0.1", broker.port) as proxy:
         connect(f"ws://127.0.0.1:{proxy.port}/ws") ...
         proxy.pause()        # bytes stop flowing both ways: a dead link
+        proxy.pause(upstream=False)  # only the answers stop: requests still arrive
         proxy.resume()
         await proxy.cut()    # every connection is reset: a network blink
 """
@@ -25,8 +26,11 @@ class TcpProxy:
         self.host = host
         self.port = 0
         self._server: asyncio.Server | None = None
-        self._flowing = asyncio.Event()
-        self._flowing.set()
+        # Bytes flow towards the target (upstream) and back (downstream) while set.
+        self._up = asyncio.Event()
+        self._down = asyncio.Event()
+        self._up.set()
+        self._down.set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         #: Connections accepted so far.
@@ -36,12 +40,20 @@ class TcpProxy:
         self._server = await asyncio.start_server(self._accept, self.host, 0)
         self.port = int(self._server.sockets[0].getsockname()[1])
 
-    def pause(self) -> None:
-        """Stop forwarding bytes (connections stay open, nothing gets through)."""
-        self._flowing.clear()
+    def pause(self, *, upstream: bool = True, downstream: bool = True) -> None:
+        """Stop forwarding bytes (connections stay open, nothing gets through).
+
+        ``upstream=False`` keeps forwarding what the client sends and holds
+        back only what comes back; ``downstream=False`` the other way round.
+        """
+        if upstream:
+            self._up.clear()
+        if downstream:
+            self._down.clear()
 
     def resume(self) -> None:
-        self._flowing.set()
+        self._up.set()
+        self._down.set()
 
     async def cut(self) -> None:
         """Reset every open connection (new ones are still accepted)."""
@@ -52,7 +64,7 @@ class TcpProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        self._flowing.set()
+        self.resume()
         await self.cut()
         if self._server is not None:
             await self._server.wait_closed()
@@ -83,8 +95,10 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._writers.update((writer, up_writer))
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.get_running_loop().create_task(self._pump(src, dst, writer, up_writer))
+        for src, dst, flowing in ((reader, up_writer, self._up), (up_reader, writer, self._down)):
+            task = asyncio.get_running_loop().create_task(
+                self._pump(src, dst, flowing, writer, up_writer)
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -92,11 +106,12 @@ class TcpProxy:
         self,
         src: asyncio.StreamReader,
         dst: asyncio.StreamWriter,
+        flowing: asyncio.Event,
         *ends: asyncio.StreamWriter,
     ) -> None:
         try:
             while data := await src.read(65536):
-                await self._flowing.wait()
+                await flowing.wait()
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):

@@ -1,10 +1,12 @@
-"""One contract, three backplanes: memory, Redis on fakeredis, and a real Redis (REDIS_URL).
+"""One contract, four backplanes: memory, Redis on fakeredis, a real Redis (REDIS_URL) and
+a real Redis Cluster (REDIS_CLUSTER_URL, sharded pub/sub: ``ClusterBackplane``).
 
 The contract is the module docstring of ``broker/backplane/__init__.py``. The
 memory backplane ignores interest by design (the hub filters), so cases about
 *not* receiving something run on the two Redis backplanes only (``redis_env``);
 everything else runs on all three (``env``). The real-Redis case fails when
-Redis is unreachable and ``CI`` is set, and is skipped otherwise.
+Redis is unreachable and ``CI`` is set, and is skipped otherwise; so does the
+cluster case (``.ci/redis-cluster start`` runs one on 127.0.0.1:7101-7106).
 
 Absence is checked without sleeping: publish the unwanted message, then a
 sentinel on a subscribed channel through the same publisher; Redis handles one
@@ -24,14 +26,22 @@ import pytest
 import redis.asyncio as aioredis
 from fakeredis import FakeServer
 from fakeredis.aioredis import FakeAsyncRedisConnection, FakeRedis
+from redis.asyncio.cluster import RedisCluster
 
+from broker.backplane import Published
+from broker.backplane.cluster_map import Buckets
 from broker.backplane.memory import MemoryBackplane
 from broker.backplane.redis import RedisBackplane
+from broker.backplane.redis_cluster import ClusterBackplane
+from broker.backplane.redis_scripts import KeyScheme
 from broker.exceptions import BackplaneError
-from tests.backplane_support import Inbox, our_tasks, real_redis_url
+from broker.history import HistoryPolicy
+from broker.position import Position
+from tests.backplane_support import Inbox, our_tasks, real_cluster_url, real_redis_url
 
-ALL = ["memory", "fakeredis", pytest.param("redis", marks=pytest.mark.redis)]
-REDIS_ONLY = ["fakeredis", pytest.param("redis", marks=pytest.mark.redis)]
+CLUSTER = pytest.param("cluster", marks=pytest.mark.redis_cluster)
+ALL = ["memory", "fakeredis", pytest.param("redis", marks=pytest.mark.redis), CLUSTER]
+REDIS_ONLY = ["fakeredis", pytest.param("redis", marks=pytest.mark.redis), CLUSTER]
 
 
 @dataclass
@@ -46,22 +56,33 @@ class Env:
     raw: Any = None  # a plain redis.asyncio client on the same server, to act as an outsider
 
     def make(self, **options: Any) -> Any:
-        """A new backplane; ``options`` go to ``RedisBackplane`` (memory takes none)."""
+        """A new backplane; ``options`` go to its constructor (both take the history ones)."""
         bp: Any
         if self.kind == "memory":
-            bp = MemoryBackplane()
+            bp = MemoryBackplane(**options)
         elif self.kind == "fakeredis":
             fake = {"connection_class": FakeAsyncRedisConnection, "server": self.server}
             bp = RedisBackplane(
                 "redis://fakeredis", prefix=self.prefix, redis_options=fake, **options
             )
+        elif self.kind == "cluster":
+            bp = ClusterBackplane([self.url], prefix=self.prefix, **options)
         else:
             bp = RedisBackplane(self.url, prefix=self.prefix, **options)
         self.created.append(bp)
         return bp
 
-    async def started(self) -> tuple[Any, Inbox]:
-        bp = self.make()
+    async def outside(self, channel: str, payload: bytes) -> None:
+        """Publish as another program would: PUBLISH, or SPUBLISH to the channel's bucket."""
+        if self.kind != "cluster":
+            await self.raw.publish(f"{self.prefix}{channel}", payload)
+            return
+        buckets = Buckets(self.prefix.encode(), 64)
+        shard = buckets.names[buckets.of_channel(channel)]
+        await self.raw.spublish(shard, channel.encode() + b" " + payload)
+
+    async def started(self, **options: Any) -> tuple[Any, Inbox]:
+        bp = self.make(**options)
         inbox = Inbox()
         await bp.start(inbox)
         assert bp.ready
@@ -82,6 +103,10 @@ async def _env(kind: str) -> Env:
     elif kind == "redis":
         env.url = real_redis_url()
         env.raw = aioredis.Redis.from_url(env.url)
+    elif kind == "cluster":
+        env.url = real_cluster_url()
+        env.raw = RedisCluster.from_url(env.url)
+        await env.raw.initialize()
     return env
 
 
@@ -105,7 +130,7 @@ async def redis_env(request: pytest.FixtureRequest) -> AsyncIterator[Env]:
 async def test_round_trip(env: Env) -> None:
     bp, inbox = await env.started()
     await bp.subscribe("sensors.kitchen")
-    assert await bp.publish("sensors.kitchen", b'{"t":21.5}') is None
+    assert await bp.publish("sensors.kitchen", b'{"t":21.5}') == Published()
     await inbox.wait_message("sensors.kitchen", b'{"t":21.5}')
 
 
@@ -145,7 +170,7 @@ async def test_publish_future_resolves(env: Env) -> None:
     future = bp.publish("nobody.listens", b"null")
     assert isinstance(future, asyncio.Future)
     async with asyncio.timeout(2):
-        assert await future is None
+        assert await future == Published()
 
 
 async def test_close_is_idempotent_and_leaves_no_tasks(env: Env) -> None:
@@ -233,17 +258,36 @@ async def test_racing_subscribe_and_unsubscribe_end_in_last_state(redis_env: Env
 
 async def test_channel_name_on_redis_is_prefixed_and_enveloped(redis_env: Env) -> None:
     bp, _ = await redis_env.started()
-    pubsub = redis_env.raw.pubsub()
-    await pubsub.subscribe(f"{redis_env.prefix}sensors.kitchen")
+    client = redis_env.raw
+    kind = "message"
+    if redis_env.kind == "cluster":
+        # The channel's bucket, a shard channel on the master of its slot.
+        buckets = Buckets(redis_env.prefix.encode(), 64)
+        shard = buckets.names[buckets.of_channel("sensors.kitchen")]
+        node = redis_env.raw.get_node_from_key(shard)
+        client = aioredis.Redis(host=node.host, port=node.port)
+        pubsub = client.pubsub()
+        await pubsub.ssubscribe(shard)
+        kind = "smessage"
+    else:
+        pubsub = client.pubsub()
+        await pubsub.subscribe(f"{redis_env.prefix}sensors.kitchen")
     await bp.publish("sensors.kitchen", b'{"t":21.5}')
     try:
         async with asyncio.timeout(3):
-            async for message in pubsub.listen():
-                if message["type"] == "message":
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None and message["type"] == kind:
                     break
     finally:
         await pubsub.aclose()
-    header, _, data = message["data"].partition(b" ")
+        if client is not redis_env.raw:
+            await client.aclose()
+    payload = message["data"]
+    if redis_env.kind == "cluster":
+        head, _, payload = payload.partition(b" ")
+        assert head == b"sensors.kitchen"
+    header, _, data = payload.partition(b" ")
     assert header.startswith(b"@" + bp.node_id.encode())
     assert data == b'{"t":21.5}'
 
@@ -252,10 +296,10 @@ async def test_outside_publishers_with_and_without_id(redis_env: Env) -> None:
     bp, inbox = await redis_env.started()
     await bp.subscribe("orders.new")
     await bp.subscribe("orders.*")
-    channel = f"{redis_env.prefix}orders.new"
-    await redis_env.raw.publish(channel, b'{"n":1}')
-    await redis_env.raw.publish(channel, b'{"n":1}')  # same bytes again: a second message
-    await redis_env.raw.publish(channel, b'@billing-7 {"n":2}')
+    channel = "orders.new"
+    await redis_env.outside(channel, b'{"n":1}')
+    await redis_env.outside(channel, b'{"n":1}')  # same bytes again: a second message
+    await redis_env.outside(channel, b'@billing-7 {"n":2}')
     await inbox.wait_count(3)
     await bp.publish("orders.new", b'"sentinel"')
     await inbox.wait_message("orders.new", b'"sentinel"')
@@ -265,20 +309,19 @@ async def test_outside_publishers_with_and_without_id(redis_env: Env) -> None:
 async def test_garbage_is_dropped_and_reading_goes_on(redis_env: Env) -> None:
     bp, inbox = await redis_env.started()
     await bp.subscribe("in.>")
-    prefix = redis_env.prefix
     garbage = [
-        (f"{prefix}in.a", b"not json"),
-        (f"{prefix}in.a", b""),
-        (f"{prefix}in.a", b"@ {}"),  # empty id
-        (f"{prefix}in.a", b"@" + b"x" * 100),  # no end of id
-        (f"{prefix}in.a", b'{"a":NaN}'),
-        (f"{prefix}in.a", b"\xff\xfe"),
-        (f"{prefix}in..a", b"1"),  # matches the glob, not a channel
-        (f"{prefix}in.\xc3\xa9", b"1"),
+        ("in.a", b"not json"),
+        ("in.a", b""),
+        ("in.a", b"@ {}"),  # empty id
+        ("in.a", b"@" + b"x" * 100),  # no end of id
+        ("in.a", b'{"a":NaN}'),
+        ("in.a", b"\xff\xfe"),
+        ("in..a", b"1"),  # matches the glob, not a channel
+        ("in.\xc3\xa9", b"1"),
     ]
     for channel, payload in garbage:
-        await redis_env.raw.publish(channel, payload)
-    await redis_env.raw.publish(f"{prefix}in.ok", b"[1,2]")
+        await redis_env.outside(channel, payload)
+    await redis_env.outside("in.ok", b"[1,2]")
     await inbox.wait_message("in.ok", b"[1,2]")
     assert inbox.messages == [("in.ok", b"[1,2]")]
     assert bp.dropped_messages == len(garbage)
@@ -289,7 +332,7 @@ async def test_subscribe_is_confirmed_before_it_returns(redis_env: Env) -> None:
     subscriber, inbox = await redis_env.started()
     await subscriber.subscribe("fresh")
     # An outsider's publish right after subscribe() returned must be received.
-    await redis_env.raw.publish(f"{redis_env.prefix}fresh", b"1")
+    await redis_env.outside("fresh", b"1")
     await inbox.wait_message("fresh", b"1")
 
 
@@ -307,3 +350,119 @@ async def test_too_many_queued_publishes_fail_at_once(redis_env: Env) -> None:
     with pytest.raises(BackplaneError, match="too many"):
         futures[10].result()
     await asyncio.gather(*futures[:10])
+
+
+# -- history, offsets and keys (every backplane) -------------------------------------
+
+HISTORY = HistoryPolicy(size=5, ttl=60.0)
+
+
+async def test_offsets_start_at_1_and_come_with_each_delivery(env: Env) -> None:
+    bp, inbox = await env.started()
+    await bp.subscribe("h.a")
+    results = [await bp.publish("h.a", b"%d" % i, history=HISTORY) for i in range(3)]
+    positions = [r.position for r in results]
+    assert [p.offset for p in positions] == [1, 2, 3]
+    assert len({p.epoch for p in positions}) == 1
+    await inbox.wait_count(3)
+    assert inbox.positions == positions
+    assert [data for _, data in inbox.messages] == [b"0", b"1", b"2"]
+
+
+async def test_history_reads_after_an_offset_or_the_last_n(env: Env) -> None:
+    bp, _ = await env.started()
+    empty = await bp.read("h.r", HISTORY)
+    assert (empty.top, empty.entries, empty.complete) == (0, (), True) and empty.epoch
+    for i in range(1, 9):
+        await bp.publish("h.r", b"%d" % i, history=HISTORY)
+    read = await bp.read("h.r", HISTORY, after=5)
+    assert (read.top, read.epoch, read.complete) == (8, empty.epoch, True)
+    assert read.entries == ((6, b"6"), (7, b"7"), (8, b"8"))
+    assert (await bp.read("h.r", HISTORY, after=8)).entries == ()
+    # Offsets 1-3 were trimmed (size 5): never a partial answer.
+    trimmed = await bp.read("h.r", HISTORY, after=1)
+    assert not trimmed.complete and trimmed.entries == ()
+    assert [o for o, _ in (await bp.read("h.r", HISTORY, last=2)).entries] == [7, 8]
+
+
+async def test_a_channel_without_history_has_no_positions(env: Env) -> None:
+    bp, inbox = await env.started()
+    await bp.subscribe("plain")
+    assert await bp.publish("plain", b"1") == Published()
+    await inbox.wait_count(1)
+    assert inbox.positions == [None]
+
+
+async def test_a_key_makes_a_retry_a_duplicate_with_the_first_position(env: Env) -> None:
+    bp, inbox = await env.started()
+    await bp.subscribe("h.k")
+    await bp.subscribe("p.k")
+    first = await bp.publish("h.k", b"1", history=HISTORY, key="order-1")
+    again = await bp.publish("h.k", b"1", history=HISTORY, key="order-1")
+    assert again == Published(first.position, duplicate=True)
+    assert await bp.publish("p.k", b"2", key="order-1") == Published()  # another channel
+    assert await bp.publish("p.k", b"2", key="order-1") == Published(None, duplicate=True)
+    await bp.publish("h.k", b"end", history=HISTORY)
+    await inbox.wait_message("h.k", b"end")
+    assert [data for _, data in inbox.messages] == [b"1", b"2", b"end"]
+
+
+async def test_keys_of_channels_with_colons_never_collide(env: Env) -> None:
+    # Channel "k.c" with key "a:b" and channel "k.c:a" with key "b" are two messages.
+    bp, inbox = await env.started()
+    await bp.subscribe("k.>")
+    assert await bp.publish("k.c", b"1", key="a:b") == Published()
+    assert await bp.publish("k.c:a", b"2", key="b") == Published()
+    assert await bp.publish("k.c", b"3", key="a:b") == Published(None, duplicate=True)
+    await inbox.wait_count(2)
+    assert sorted(inbox.messages) == [("k.c", b"1"), ("k.c:a", b"2")]
+
+
+async def test_a_key_is_remembered_for_the_whole_window_and_no_longer(env: Env) -> None:
+    bp, _ = await env.started(idempotency_window=1.9)  # not a whole number of seconds
+    assert await bp.publish("w.a", b"1", key="k") == Published()
+    await asyncio.sleep(1.2)  # past the whole second a rounding down would keep
+    assert await bp.publish("w.a", b"1", key="k") == Published(None, duplicate=True)
+    await asyncio.sleep(1.1)
+    assert await bp.publish("w.a", b"2", key="k") == Published()  # the window is over
+
+
+async def test_reading_a_quiet_channel_leaves_a_short_lived_position(redis_env: Env) -> None:
+    # A subscribe reads the position of a channel nobody published to: the epoch it
+    # makes lives history_ttl, not history_meta_ttl (a day), so subscribing to many
+    # quiet channels leaves nothing behind for long.
+    bp, _ = await redis_env.started()
+    read = await bp.read("h.quiet", HISTORY)
+    assert read.top == 0
+    prefix = redis_env.prefix.encode()
+    buckets = Buckets(prefix, 64) if redis_env.kind == "cluster" else None
+    meta = KeyScheme(prefix, buckets).meta(b"h.quiet")
+    assert 0 < await redis_env.raw.ttl(meta) <= HISTORY.ttl + 1
+    again = await bp.read("h.quiet", HISTORY)
+    assert again.epoch == read.epoch  # the first publish will use it too
+    published = await bp.publish("h.quiet", b"1", history=HISTORY)
+    assert published.position == Position(1, read.epoch)
+    assert await redis_env.raw.ttl(meta) > HISTORY.ttl + 1  # published: kept for the day
+
+
+async def test_concurrent_publishers_never_share_an_offset(redis_env: Env) -> None:
+    a, _ = await redis_env.started()
+    b, inbox = await redis_env.started()
+    await b.subscribe("h.c")
+    results = await asyncio.gather(
+        *(bp.publish("h.c", b"%d" % i, history=HISTORY) for i in range(100) for bp in (a, b))
+    )
+    offsets = sorted(r.position.offset for r in results)
+    assert offsets == list(range(1, 201))
+    await inbox.wait_count(200)
+    assert [p.offset for p in inbox.positions] == list(range(1, 201))  # in offset order
+
+
+async def test_an_epoch_changes_when_history_is_lost(redis_env: Env) -> None:
+    bp, _ = await redis_env.started()
+    first = (await bp.publish("h.e", b"1", history=HISTORY)).position
+    keys = [key async for key in redis_env.raw.scan_iter(f"{redis_env.prefix}h:*")]
+    for key in keys:  # one by one: on a cluster they need not share a slot
+        await redis_env.raw.delete(key)  # as a flushed or restarted Redis would
+    second = (await bp.publish("h.e", b"2", history=HISTORY)).position
+    assert second.offset == 1 and second.epoch != first.epoch

@@ -11,6 +11,7 @@ import pytest
 from broker_client import (
     BadChannel,
     BrokerError,
+    CannotConnect,
     Client,
     ClientOptions,
     ConnectionClosed,
@@ -172,10 +173,11 @@ async def test_publish_nowait_and_error_hook(client: Client) -> None:
     errors: list[RequestError] = []
     remove = client.on_error(errors.append)
     sub = await client.subscribe("t9.x")
-    await client.publish_nowait("t9.x", "ff")
+    assert client.publish_nowait("t9.x", "ff") is None  # synchronous: queued, written soon
     assert (await next_message(sub)).data == "ff"
-    await client.publish_nowait("t9.*", "refused")
-    await until(lambda: len(errors) == 1)
+    client.publish_nowait("t9.*", "refused")
+    await within(client.drain())  # the broker has read it: its refusal came before the pong
+    assert len(errors) == 1
     assert isinstance(errors[0], BadChannel) and errors[0].request_id is None
     remove()
 
@@ -197,12 +199,14 @@ async def test_overflow_drops_oldest_and_records_a_gap(client: Client) -> None:
     assert [(await within(anext(events))).data for _ in range(2)] == [3, 4]  # type: ignore[union-attr]
 
 
-async def test_connect_refused_raises_connection_closed() -> None:
+async def test_connect_refused_raises_cannot_connect() -> None:
     port = free_port()
-    with pytest.raises(ConnectionClosed) as info:
+    with pytest.raises(CannotConnect) as info:
         async with connect(f"ws://127.0.0.1:{port}/ws"):
             pass
-    assert info.value.code == "connection_closed"
+    assert info.value.code == "cannot_connect"
+    assert isinstance(info.value, OSError) and not isinstance(info.value, ConnectionClosed)
+    assert isinstance(info.value.cause, OSError) and info.value.__cause__ is info.value.cause
 
 
 async def test_close_ends_everything(shared_broker: BrokerProcess) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.backplane import DeliverFn
+from broker.backplane import PUBLISHED, Listener, Published
 from broker.backplane.memory import MemoryBackplane
 from broker.codec import encode_message
 from broker.exceptions import BackplaneError, LimitExceeded
@@ -19,21 +19,18 @@ from broker.metrics import Metrics
 from broker.node import Node
 from broker.session import Session
 from broker.settings import Settings
-from broker.wsframe import text_frame
 from tests.wait import within
 
 
 class RecordingSubscriber:
-    """A subscriber that records what it is given."""
+    """A peer that records the messages it is given."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.payloads: list[bytes] = []
-        self.wires: list[bytes] = []
 
-    def deliver(self, payload: bytes, wire: bytes) -> None:
+    def deliver(self, payload: bytes) -> None:
         self.payloads.append(payload)
-        self.wires.append(wire)
 
     def __repr__(self) -> str:
         return f"RecordingSubscriber({self.name!r})"
@@ -59,17 +56,17 @@ class RecordingBackplane:
         self.pauses: random.Random | None = None
         self.fail_publish = False
         self._busy: dict[str, str] = {}
-        self._deliver: DeliverFn | None = None
+        self._listener: Listener | None = None
 
     @property
     def ready(self) -> bool:
-        return self._deliver is not None
+        return self._listener is not None
 
-    async def start(self, deliver: DeliverFn) -> None:
-        self._deliver = deliver
+    async def start(self, listener: Listener) -> None:
+        self._listener = listener
 
     async def close(self) -> None:
-        self._deliver = None
+        self._listener = None
 
     async def subscribe(self, pattern: str) -> None:
         await self._call("subscribe", pattern)
@@ -103,13 +100,13 @@ class RecordingBackplane:
         """Whether messages for ``pattern`` flow, and will go on flowing."""
         return pattern in self.active and self._busy.get(pattern) != "unsubscribe"
 
-    def publish(self, channel: str, data: bytes) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.fail_publish or self._deliver is None:
+    def publish(self, channel: str, data: bytes, **options: object) -> asyncio.Future[Published]:
+        future: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
+        if self.fail_publish or self._listener is None:
             future.set_exception(BackplaneError("recording backplane told to fail"))
         else:
-            self._deliver(channel, data)
-            future.set_result(None)
+            self._listener.deliver(channel, data, None)
+            future.set_result(PUBLISHED)
         return future
 
 
@@ -120,7 +117,7 @@ async def test_deliver_once_per_subscriber_with_overlapping_patterns() -> None:
     metrics = Metrics()
     backplane = MemoryBackplane()
     hub = Hub(backplane, metrics)
-    await backplane.start(hub.deliver)
+    await backplane.start(hub)
     s1, s2, s3 = RecordingSubscriber("s1"), RecordingSubscriber("s2"), RecordingSubscriber("s3")
     for pattern in ("a.b", "a.*", "a.>", ">", "*.b", "*.*"):
         await hub.subscribe(pattern, s1)
@@ -135,9 +132,8 @@ async def test_deliver_once_per_subscriber_with_overlapping_patterns() -> None:
     assert s1.payloads == [expected]
     assert s2.payloads == [expected]
     assert s3.payloads == []
-    assert s1.wires == [text_frame(expected)]
-    # Encoded and framed once, the same bytes handed to every subscriber.
-    assert s1.wires[0] is s2.wires[0]
+    # Encoded once, the same bytes object handed to every subscriber (the
+    # outbox frames a shared payload once: see test_outbox.py).
     assert s1.payloads[0] is s2.payloads[0]
     assert (metrics.messages_received, metrics.messages_delivered) == (1, 2)
 
@@ -159,9 +155,9 @@ async def test_a_subscriber_leaving_during_delivery_does_not_disturb_the_others(
     hub = Hub(MemoryBackplane(), Metrics())
 
     class LeavesOnFirstMessage(RecordingSubscriber):
-        def deliver(self, payload: bytes, wire: bytes) -> None:
-            super().deliver(payload, wire)
-            hub.index.remove("a", self)  # as a slow consumer closing itself would
+        def deliver(self, payload: bytes) -> None:
+            super().deliver(payload)
+            hub.drop(self, ["a"])  # as a slow consumer closing itself would
 
     leaver = LeavesOnFirstMessage("leaver")
     others = [RecordingSubscriber(f"s{i}") for i in range(3)]
@@ -240,7 +236,7 @@ async def test_subscribe_during_an_unsubscribe_in_flight_ends_subscribed() -> No
 
     assert backplane.calls == [("subscribe", "p"), ("unsubscribe", "p"), ("subscribe", "p")]
     assert backplane.active == {"p"}
-    assert hub.index.subscribers("p") == [s2]
+    assert hub.subscribers("p") == [s2]
     assert backplane.violations == []
     assert hub._locks == {}  # white-box: no lock left behind
 
@@ -261,7 +257,7 @@ async def test_unsubscribe_during_a_subscribe_in_flight_ends_unsubscribed() -> N
 
     assert backplane.calls == [("subscribe", "p"), ("unsubscribe", "p")]
     assert backplane.active == set()
-    assert not hub.index.has("p")
+    assert not hub.wants("p")
     assert backplane.violations == []
     assert hub._locks == {}
 
@@ -318,7 +314,7 @@ def test_concurrent_subscribe_and_unsubscribe_end_consistent(
         )
         assert broken == []
         assert backplane.violations == []
-        assert backplane.active == set(hub.index.patterns())
+        assert backplane.active == set(hub.patterns())
         assert hub._locks == {}
         for pattern in ("p", "q"):
             expected = set()
@@ -326,7 +322,7 @@ def test_concurrent_subscribe_and_unsubscribe_end_consistent(
                 last = [subscribe for subscribe, p in plan if p == pattern]
                 if last and last[-1]:
                     expected.add(subscriber)
-            assert set(hub.index.subscribers(pattern)) == expected
+            assert set(hub.subscribers(pattern)) == expected
 
     asyncio.run(scenario())
 
@@ -352,7 +348,7 @@ class FakePeer(RecordingSubscriber):
 
 async def _node() -> tuple[Node, RecordingBackplane]:
     backplane = RecordingBackplane()
-    node = Node(Settings(), backplane)
+    node = Node(Settings(), backplane, canary=False)
     await node.start()
     return node, backplane
 
@@ -370,8 +366,8 @@ async def test_node_detach_drops_the_backplane_interest_of_the_last_subscriber()
 
     await node.detach(peer)
 
-    assert len(node.hub.index) == 1
-    assert node.hub.index.subscribers("b") == [other]
+    assert node.hub.subscription_count == 1
+    assert node.hub.subscribers("b") == [other]
     assert backplane.active == {"b"}, "the last subscriber of 'a.*' left; the backplane must too"
     assert backplane.violations == []
     await node.detach(other)
@@ -408,7 +404,7 @@ async def test_node_publish_replies_after_the_backplane_took_the_message() -> No
 
 async def test_node_closes_a_peer_over_its_error_budget() -> None:
     backplane = RecordingBackplane()
-    node = Node(Settings(error_limit=2), backplane)
+    node = Node(Settings(error_limit=2), backplane, canary=False)
     await node.start()
     peer = FakePeer("p", node.new_session())
     node.attach(peer)
@@ -422,7 +418,7 @@ async def test_node_closes_a_peer_over_its_error_budget() -> None:
 
 
 async def test_node_admits_up_to_max_connections() -> None:
-    node = Node(Settings(max_connections=2), RecordingBackplane())
+    node = Node(Settings(max_connections=2), RecordingBackplane(), canary=False)
     peers = [FakePeer(f"p{i}", node.new_session()) for i in range(2)]
     for peer in peers:
         node.admit()

@@ -203,7 +203,11 @@ def test_random_frames_get_well_formed_answers_and_kill_nothing(
 async def _post(broker: Running, body: bytes) -> tuple[int, Any]:
     async with (
         aiohttp.ClientSession() as http,
-        http.post(f"http://127.0.0.1:{broker.http_port}/publish", data=body) as response,
+        http.post(
+            f"http://127.0.0.1:{broker.http_port}/publish",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        ) as response,
     ):
         return response.status, orjson.loads(await response.read())
 

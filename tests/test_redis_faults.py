@@ -6,10 +6,11 @@ hole for as long as it lasts; ``cut()`` resets every open link; ``pause()`` then
 ``cut()`` is an outage where new connections open but get no answer), from
 ``CLIENT KILL TYPE pubsub``, and from killing and restarting the server.
 
-Each case checks the promises of ``broker/backplane/redis.py``: ``ready`` drops
-promptly, publishes fail promptly with ``BackplaneError``, one warning per outage
-and one info line per recovery (no traceback), subscriptions restored (a message
-published after recovery arrives), and no task left behind.
+Each case checks the promises of ``broker/backplane/redis.py`` and
+``redis_link.py``: ``ready`` drops promptly, publishes fail promptly with
+``BackplaneError``, one warning per outage and one info line per recovery (no
+traceback), subscriptions restored (a message published after recovery
+arrives), the listener's link events, and no task left behind.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from broker.backplane import Published
 from broker.backplane.redis import RedisBackplane
 from broker.exceptions import BackplaneError
 from tests.backplane_support import Inbox, RedisServer, eventually, our_tasks
@@ -31,7 +33,13 @@ from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.redis
 
-LOGGER = "broker.backplane.redis"
+# Each module of the Redis backplane logs under its own name; the supervisor's lines
+# (connected, lost, reconnected, refused) come from redis_link.
+LOGGERS = {
+    "broker.backplane.redis",
+    "broker.backplane.redis_link",
+    "broker.backplane.redis_publisher",
+}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +70,7 @@ async def raw(redis_server: RedisServer) -> AsyncIterator[Any]:
 
 @pytest.fixture
 def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    caplog.set_level(logging.DEBUG, logger="broker.backplane")
     return caplog
 
 
@@ -70,12 +78,12 @@ def lines(caplog: pytest.LogCaptureFixture, level: int, text: str) -> list[loggi
     return [
         r
         for r in caplog.records
-        if r.name == LOGGER and r.levelno == level and text in r.getMessage()
+        if r.name in LOGGERS and r.levelno == level and text in r.getMessage()
     ]
 
 
 def assert_one_line_per_state_change(caplog: pytest.LogCaptureFixture, restored: int) -> None:
-    ours = [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.INFO]
+    ours = [r for r in caplog.records if r.name in LOGGERS and r.levelno >= logging.INFO]
     assert [r.levelname for r in ours] == ["INFO", "WARNING", "INFO"], [
         r.getMessage() for r in ours
     ]
@@ -358,7 +366,7 @@ async def test_a_refused_publish_fails_alone(redis_server: RedisServer, raw: Any
             bp.publish("ok.x", b"3"),
             return_exceptions=True,
         )
-        assert results[0] is None and results[2] is None
+        assert results[0] == Published() and results[2] == Published()
         assert isinstance(results[1], BackplaneError)
         assert "NOPERM" in str(results[1]) or "permission" in str(results[1]).lower()
         await inbox.wait_count(2)
@@ -393,3 +401,105 @@ async def test_a_refused_subscription_is_logged_not_an_outage(
         await bp.publish("ok.y", b"1")
         await inbox.wait_message("ok.y", b"1")
         await bp.close()
+
+
+# -- link events (Listener.link_lost / link_restored) ---------------------------------
+
+
+class ReadyAtEvents(Inbox):
+    """An ``Inbox`` that also records what ``ready`` said at each link event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backplane: RedisBackplane | None = None
+        self.ready_at: list[bool] = []
+
+    def link_lost(self) -> None:
+        super().link_lost()
+        assert self.backplane is not None
+        self.ready_at.append(self.backplane.ready)
+
+    def link_restored(self) -> None:
+        super().link_restored()
+        assert self.backplane is not None
+        self.ready_at.append(self.backplane.ready)
+
+
+async def test_first_connect_and_close_report_no_link_event(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    pre = prefix()
+    bp = RedisBackplane(redis_server.url, prefix=pre)
+    inbox = Inbox()
+    await bp.start(inbox)
+    await bp.subscribe("e.a")
+    await raw.publish(f"{pre}e.a", b'"hi"')
+    await inbox.wait_message("e.a", b'"hi"')
+    await bp.close()
+    assert inbox.links == []
+
+
+async def test_connecting_after_failed_attempts_is_no_link_event(proxy: TcpProxy) -> None:
+    proxy.pause()
+    bp = RedisBackplane(
+        f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix(), socket_timeout=0.3, reconnect_max=0.3
+    )
+    inbox = Inbox()
+    await bp.start(inbox)
+    attempts = proxy.accepted
+    await eventually(lambda: proxy.accepted >= attempts + 2, 3.0, "retrying")
+    proxy.resume()
+    await eventually(lambda: bp.ready, 3.0, "connected")
+    await bp.close()
+    assert inbox.links == []  # never established before: nothing was lost
+
+
+async def test_client_kill_reports_lost_then_restored_each_time(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    pre = prefix()
+    bp = RedisBackplane(redis_server.url, prefix=pre)
+    inbox = ReadyAtEvents()
+    inbox.backplane = bp
+    await bp.start(inbox)
+    await bp.subscribe("k.a")
+    await bp.subscribe("k.*")
+    for outage in (1, 2):
+        await raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        expected = ["lost", "restored"] * outage
+        await eventually(lambda: inbox.links == expected, 3.0, f"lost and restored #{outage}")  # noqa: B023
+        assert bp.connection_losses == outage
+    # Lost while ready turned false; restored once ready again, subscriptions back.
+    assert inbox.ready_at == [False, True, False, True]
+    await raw.publish(f"{pre}k.a", b'"after"')
+    await inbox.wait_message("k.a", b'"after"')
+    assert inbox.on("k.a") == [b'"after"']
+    await bp.close()
+    assert inbox.links == ["lost", "restored"] * 2
+
+
+async def test_server_restart_reports_lost_once_then_restored(
+    redis_server: RedisServer, log: pytest.LogCaptureFixture
+) -> None:
+    pre = prefix()
+    bp = RedisBackplane(redis_server.url, prefix=pre, socket_timeout=0.3, reconnect_max=0.3)
+    inbox = ReadyAtEvents()
+    inbox.backplane = bp
+    await bp.start(inbox)
+    await bp.subscribe("r.>")
+    try:
+        redis_server.stop()
+        await eventually(lambda: inbox.links == ["lost"], 2.0, "lost after the server died")
+        # Attempts that fail while down are not events of their own.
+        await eventually(lambda: len(lines(log, logging.DEBUG, "failed: ")) >= 3, 5.0, "retrying")
+        assert inbox.links == ["lost"]
+    finally:
+        if redis_server.process is None:
+            redis_server.start()
+    await eventually(lambda: inbox.links == ["lost", "restored"], 3.0, "restored")
+    assert inbox.ready_at == [False, True]
+    async with asyncio.timeout(1):
+        await bp.publish("r.x", b'"back"')
+    await inbox.wait_message("r.x", b'"back"')
+    await bp.close()
+    assert inbox.links == ["lost", "restored"]

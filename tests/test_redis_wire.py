@@ -1,13 +1,12 @@
-"""The Redis backplane's pure helpers: envelope, names and globs, de-duplication, backoff.
+"""The Redis backplane's pure helpers: envelope, message ids, names and globs.
 
 Synchronous, no Redis. The glob translation is checked against the broker's own
 matcher (``broker.channels.matches``) through a small implementation of Redis's
-glob rules; de-duplication against a model of what Redis sends a subscriber.
+glob rules. De-duplication is in ``test_dedupe.py``, backoff in ``test_backoff.py``.
 """
 
 from __future__ import annotations
 
-import random
 import re
 
 import pytest
@@ -17,29 +16,32 @@ from redis.asyncio.connection import Connection
 
 from broker.backplane.redis_wire import (
     MAX_ID_LENGTH,
-    Deduplicator,
     EnvelopeError,
     MessageIds,
     RedisSubscription,
-    backoff_delay,
     channel_from_redis,
     decode_envelope,
     encode_envelope,
+    from_broker_node,
     glob_escape,
     pack_publish,
     redis_subscription,
 )
 from broker.channels import matches
 from broker.exceptions import BadChannel
+from broker.position import Position
 
 # -- the envelope ---------------------------------------------------------------------
 
-ids = st.binary(min_size=1, max_size=MAX_ID_LENGTH).filter(lambda b: b" " not in b)
+# An id is 1 to 64 bytes without a space or a ";" (";" starts a position).
+ids = st.binary(min_size=1, max_size=MAX_ID_LENGTH).filter(
+    lambda b: b" " not in b and b";" not in b
+)
 
 
 @given(ids, st.binary())
 def test_envelope_round_trip(message_id: bytes, data: bytes) -> None:
-    assert decode_envelope(encode_envelope(message_id, data)) == (message_id, data)
+    assert decode_envelope(encode_envelope(message_id, data)) == (message_id, None, data)
 
 
 def test_envelope_bytes_are_as_documented() -> None:
@@ -50,7 +52,7 @@ def test_envelope_bytes_are_as_documented() -> None:
     "payload", [b'{"t":1}', b"[1]", b'"s"', b"12", b"-1", b"true", b"null", b" {}", b"", b"x"]
 )
 def test_payload_without_mark_is_bare_data(payload: bytes) -> None:
-    assert decode_envelope(payload) == (None, payload)
+    assert decode_envelope(payload) == (None, None, payload)
 
 
 @pytest.mark.parametrize(
@@ -70,16 +72,31 @@ def test_pack_publish_is_what_redis_py_would_send(channel: bytes, payload: bytes
 
 def test_longest_id_and_spaces_in_data() -> None:
     longest = b"i" * MAX_ID_LENGTH
-    assert decode_envelope(b"@" + longest + b' {"a": "b c"}') == (longest, b'{"a": "b c"}')
+    assert decode_envelope(b"@" + longest + b' {"a": "b c"}') == (longest, None, b'{"a": "b c"}')
 
 
 def test_message_ids_are_unique_and_carry_the_node() -> None:
     make = MessageIds("node-1")
     made = [make.next() for _ in range(1000)]
     assert len(set(made)) == 1000
-    assert made[0] == b"node-1-1"
-    assert made[15] == b"node-1-10"
+    assert made[0] == b"node-1~1"
+    assert made[15] == b"node-1~10"
     assert all(b" " not in i and len(i) <= MAX_ID_LENGTH for i in made)
+
+
+def test_longest_node_id_and_counter_fit_in_an_id() -> None:
+    make = MessageIds("n" * 40)
+    make._count = 2**64 - 2  # a process publishing for ever still writes valid ids
+    assert len(make.next()) <= MAX_ID_LENGTH
+
+
+def test_ids_of_broker_nodes_are_told_apart_from_outside_ids() -> None:
+    ours = MessageIds("a-b.c:d_9").next()
+    message_id, _, _ = decode_envelope(encode_envelope(ours, b"1"))
+    assert message_id is not None and from_broker_node(message_id)
+    # What outside programs write (docs/redis.md), and what nodes wrote before the mark.
+    for outside in (b"billing-42", b"3f9a2c11d0-1a2b", b"6f1e0b2c-uuid-like", b"x"):
+        assert not from_broker_node(outside)
 
 
 @pytest.mark.parametrize("node_id", ["", "has space", "é", "x" * 41])
@@ -197,82 +214,9 @@ def test_channel_from_redis(raw: bytes, expected: str | None) -> None:
     assert channel_from_redis(b"broker.", raw) == expected
 
 
-# -- de-duplication -------------------------------------------------------------------
-
-# The subscriptions a process may hold: (source as Redis reports it, channels matched).
-SUBSCRIPTIONS = {
-    "exact-a": (None, {b"a"}),
-    "exact-b": (None, {b"b"}),
-    "p-ab": (b"p-ab", {b"a", b"b"}),
-    "p-a": (b"p-a", {b"a"}),
-    "p-a2": (b"p-a2", {b"a"}),
-}
-
-events = st.lists(
-    st.one_of(
-        st.tuples(st.just("publish"), st.sampled_from([b"a", b"b"]), st.sampled_from([b"1", b"2"])),
-        st.tuples(
-            st.just("toggle"), st.sampled_from([n.encode() for n in SUBSCRIPTIONS]), st.just(b"")
-        ),
-    ),
-    max_size=60,
-)
-
-
-@settings(max_examples=300)
-@given(events, st.randoms(use_true_random=False), st.booleans())
-def test_dedupe_delivers_each_publish_exactly_once(
-    script: list[tuple[str, bytes, bytes]], rnd: random.Random, with_ids: bool
-) -> None:
-    """Simulate what Redis writes to one subscriber and check the survivors."""
-    held: set[str] = set()
-    dedupe = Deduplicator()
-    delivered: list[tuple[bytes, bytes]] = []
-    expected: list[tuple[bytes, bytes]] = []
-    for serial, (kind, arg, payload) in enumerate(script):
-        if kind == "toggle":
-            held ^= {arg.decode()}
-            dedupe.reset()  # Redis confirms the (un)subscribe in the stream
-            continue
-        channel = arg
-        copies = [SUBSCRIPTIONS[name][0] for name in held if channel in SUBSCRIPTIONS[name][1]]
-        rnd.shuffle(copies)  # the order among one publish's copies does not matter
-        if copies:
-            expected.append((channel, payload))
-        key = b"id-%d" % serial if with_ids else payload
-        for source in copies:
-            if dedupe.first(channel, key, source):
-                delivered.append((channel, payload))
-    assert delivered == expected
-
-
-def test_dedupe_examples() -> None:
-    dedupe = Deduplicator()
-    assert dedupe.first(b"a", b"x", None)
-    assert not dedupe.first(b"a", b"x", b"a.*")  # the same publish through a pattern
-    assert not dedupe.first(b"a", b"x", b">")
-    assert dedupe.first(b"a", b"x", None)  # equal content again: a new publish
-    assert dedupe.first(b"b", b"x", b">")  # another channel
-    dedupe.reset()
-    assert dedupe.first(b"b", b"x", b">")  # subscriptions changed in between
-
-
-# -- reconnect backoff ----------------------------------------------------------------
-
-
-def test_first_reconnect_is_immediate() -> None:
-    assert backoff_delay(0, 5.0, random.random) == 0.0
-
-
-@pytest.mark.parametrize("attempt", [1, 2, 3, 5, 8, 50, 10_000])
-@pytest.mark.parametrize("cap", [0.3, 5.0])
-def test_backoff_grows_is_capped_and_jittered(attempt: int, cap: float) -> None:
-    ceiling = min(cap, 0.1 * 2 ** min(attempt - 1, 30))
-    assert backoff_delay(attempt, cap, lambda: 0.0) == pytest.approx(ceiling / 2)
-    assert backoff_delay(attempt, cap, lambda: 1.0) == pytest.approx(ceiling)
-    assert ceiling / 2 <= backoff_delay(attempt, cap, random.random) <= ceiling
-
-
-def test_backoff_sequence() -> None:
-    upper = [backoff_delay(n, 5.0, lambda: 1.0) for n in range(9)]
-    assert upper == pytest.approx([0, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])
+def test_an_envelope_with_a_position() -> None:
+    payload = b'@node~1f;18;k3j9 {"t": 21.5}'
+    assert decode_envelope(payload) == (b"node~1f", Position(18, "k3j9"), b'{"t": 21.5}')
+    for bad in (b"@;1;e x", b"@id;x;e x", b"@id;1; x", b"@id;1;e\xff x", b"@id;1 x"):
+        with pytest.raises(EnvelopeError):
+            decode_envelope(bad)

@@ -7,7 +7,7 @@ outside: ``websockets`` clients on the public port, ``aiohttp`` on the service
 port, and a plain Redis client that looks at what each process subscribed.
 
 * three processes: overlapping patterns, 500 messages once each and in order,
-  publishers on every process;
+  publishers on every process; on one Redis and on a Redis Cluster;
 * unsubscribe and disconnect stop the traffic and drop the process's Redis
   interest;
 * HTTP publish on one process reaches WebSocket subscribers on another;
@@ -15,7 +15,7 @@ port, and a plain Redis client that looks at what each process subscribed.
   black-holed link (a TCP proxy): clients stay connected, publishes fail
   promptly, ``/readyz`` follows, delivery resumes, no process restarts;
 * ``--workers 2``: connections spread over both workers, a killed worker is
-  restarted, SIGTERM stops everything with 1001 and exit 0.
+  restarted, SIGTERM drains everything with 1012 and exit 0.
 
 The real Redis is ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``): with
 ``CI`` set a missing Redis fails these tests, elsewhere it skips them.
@@ -33,8 +33,8 @@ import signal
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
@@ -46,8 +46,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from broker.frames import SERVER_FRAME
-from tests.backplane_support import RedisServer, real_redis_url
-from tests.brokerproc import BrokerProcess, BrokerStartError, http_get
+from tests.backplane_support import RedisServer, real_cluster_url, real_redis_url
+from tests.brokerproc import BrokerProcess, BrokerStartError, http_get, running
 from tests.tcpproxy import TcpProxy
 from tests.wait import until, within
 
@@ -69,29 +69,25 @@ def new_prefix() -> str:
     return f"so{uuid.uuid4().hex[:10]}."
 
 
-def redis_broker(url: str, prefix: str, *args: str, **env: str) -> BrokerProcess:
-    """A broker process on the Redis backplane at ``url`` (not started)."""
+def redis_broker(
+    url: str, prefix: str, *args: str, backplane: str = "redis", **env: str
+) -> BrokerProcess:
+    """A broker process on the Redis backplane at ``url`` (not started).
+
+    ``backplane="redis-cluster"`` with a cluster's seed URL runs it on a Redis Cluster.
+    """
     return BrokerProcess(
-        "--backplane", "redis", "--redis-url", url, "--no-demo", *args,
+        "--backplane", backplane, "--redis-url", url, "--no-demo", *args,
         env={"BROKER_REDIS_PREFIX": prefix, **env},
     )  # fmt: skip
 
 
-@asynccontextmanager
-async def running(*brokers: BrokerProcess) -> AsyncIterator[None]:
-    """Start ``brokers`` side by side; stop them on exit, showing their logs on failure."""
-    try:
-        results = await asyncio.gather(*(b.astart() for b in brokers), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        yield
-    except BaseException:
-        for b in brokers:
-            print(f"--- log of {b!r} ---\n{b.log_text()[-6000:]}")
-        raise
-    finally:
-        await asyncio.gather(*(asyncio.to_thread(b.close) for b in brokers))
+@pytest.fixture(params=["redis", pytest.param("redis-cluster", marks=pytest.mark.redis_cluster)])
+def backplane_at(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """``(backplane, url)``: one Redis, or a Redis Cluster (``REDIS_CLUSTER_URL``)."""
+    if request.param == "redis":
+        return "redis", real_redis_url()
+    return "redis-cluster", real_cluster_url()
 
 
 def log_events(broker: BrokerProcess) -> list[Frame]:
@@ -199,7 +195,8 @@ def by(frames: Iterable[Frame], channel: str, key: str, value: Any) -> list[Any]
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Frame]:
-    async with http.post(url, data=orjson.dumps(body)) as response:
+    headers = {"Content-Type": "application/json"}
+    async with http.post(url, data=orjson.dumps(body), headers=headers) as response:
         return response.status, orjson.loads(await response.read())
 
 
@@ -243,20 +240,41 @@ def scrape(http_url: str) -> tuple[int, dict[str, float]]:
     return pid, samples
 
 
+def scrape_workers(http_url: str) -> dict[int, dict[str, float]]:
+    """One ``/metrics`` scrape of a ``--workers`` server: every worker's samples, by pid.
+
+    Whichever worker answers exposes them all, each series labelled ``worker``.
+    """
+    status, body = http_get(f"{http_url}/metrics")
+    assert status == 200
+    families = list(text_string_to_metric_families(body.decode()))
+    pids = {
+        sample.labels["worker"]: int(sample.labels["pid"])
+        for family in families
+        for sample in family.samples
+        if sample.name == "broker_process_info"
+    }
+    views: dict[int, dict[str, float]] = {pid: {} for pid in pids.values()}
+    for family in families:
+        for sample in family.samples:
+            if set(sample.labels) == {"worker"} and sample.labels["worker"] in pids:
+                views[pids[sample.labels["worker"]]][sample.name] = sample.value
+    return views
+
+
 def scrape_each(
     http_url: str, pids: set[int], timeout: float = 10.0
 ) -> dict[int, dict[str, float]]:
-    """Scrape a shared port until every process in ``pids`` has answered (SO_REUSEPORT
-    spreads new connections, so repeated scrapes reach every worker that listens)."""
-    seen: dict[int, dict[str, float]] = {}
+    """Scrape until every process in ``pids`` is in the exposition (a replaced worker
+    shares its first snapshot within a second)."""
     deadline = time.monotonic() + timeout
-    while not pids <= set(seen):
+    while True:
+        seen = scrape_workers(http_url)
+        if pids <= set(seen):
+            return {pid: seen[pid] for pid in pids}
         if time.monotonic() > deadline:
-            raise AssertionError(f"only {sorted(seen)} of {sorted(pids)} answered in {timeout} s")
-        pid, samples = scrape(http_url)
-        seen[pid] = samples
-        time.sleep(0.005)
-    return {pid: seen[pid] for pid in pids}
+            raise AssertionError(f"only {sorted(seen)} of {sorted(pids)} exposed in {timeout} s")
+        time.sleep(0.05)
 
 
 # --- what a process subscribed on Redis ---------------------------------------------------
@@ -305,9 +323,10 @@ async def numsub(redis: Any, channel: str) -> int:
 # --- 1. three processes: overlapping patterns, once each, in order ------------------------
 
 
-async def test_three_processes_deliver_once_each_in_order(redis_url: str) -> None:
+async def test_three_processes_deliver_once_each_in_order(backplane_at: tuple[str, str]) -> None:
+    backplane, url = backplane_at
     prefix = new_prefix()  # one prefix: the three processes are one broker
-    brokers = [redis_broker(redis_url, prefix) for _ in range(3)]
+    brokers = [redis_broker(url, prefix, backplane=backplane) for _ in range(3)]
     patterns = {"all": ("s.*", "s.>", "s.a"), "star": ("s.*",), "deep": ("s.>",), "exact": ("s.a",)}
     deep_kinds = {"all", "deep"}  # the ones that also match s.a.b
     count, deep_count, per_publisher = 500, 10, 200
@@ -380,7 +399,8 @@ async def test_three_processes_deliver_once_each_in_order(redis_url: str) -> Non
         await asyncio.gather(*(c.barrier() for _, _, c in subscribers))
 
         # Each process handed every message to its hub once, although three of its Redis
-        # subscriptions (s.a, s.*, s.?*) matched each one.
+        # subscriptions (s.a, s.*, s.?*) matched each one (on a cluster: one shard
+        # channel, the bucket of "s", carries them all once).
         for i, b in enumerate(brokers):
             _, samples = await asyncio.to_thread(scrape, b.http_url)
             received = len(burst) + 3 * (per_publisher + 1)
@@ -390,6 +410,10 @@ async def test_three_processes_deliver_once_each_in_order(redis_url: str) -> Non
 
 
 # --- 2. unsubscribe and disconnect stop the traffic and drop Redis interest ---------------
+
+
+#: Every process holds one exact Redis subscription of its own: its readiness canary.
+CANARY = 1
 
 
 async def test_unsubscribe_and_disconnect_drop_redis_interest(redis_url: str) -> None:
@@ -409,8 +433,9 @@ async def test_unsubscribe_and_disconnect_drop_redis_interest(redis_url: str) ->
         await c2.subscribe("u.a")
         await c3.subscribe("u.>")
 
-        assert await redis_interest(redis, b_pid, redis_port) == (1, 2)  # u.a; u.*, u.?*
-        assert await redis_interest(redis, a_pid, redis_port) == (0, 0)  # nobody on A
+        # u.a; u.*, u.?*
+        assert await redis_interest(redis, b_pid, redis_port) == (CANARY + 1, 2)
+        assert await redis_interest(redis, a_pid, redis_port) == (CANARY, 0)  # nobody on A
         assert await numsub(redis, f"{prefix}u.a") == 1
 
         await pub.publish_many([("u.a", 1)])
@@ -421,9 +446,9 @@ async def test_unsubscribe_and_disconnect_drop_redis_interest(redis_url: str) ->
         # c1 leaves u.*: B's last local subscriber of it, so B drops it on Redis
         # before the ok; u.a stays because c2 still wants it.
         assert (await c1.call("unsubscribe", channel="u.*"))["op"] == "ok"
-        assert await redis_interest(redis, b_pid, redis_port) == (1, 1)
+        assert await redis_interest(redis, b_pid, redis_port) == (CANARY + 1, 1)
         assert (await c1.call("unsubscribe", channel="u.a"))["op"] == "ok"
-        assert await redis_interest(redis, b_pid, redis_port) == (1, 1)
+        assert await redis_interest(redis, b_pid, redis_port) == (CANARY + 1, 1)
 
         await pub.publish_many([("u.a", 2)])
         assert await c2.recv() == {"op": "message", "channel": "u.a", "data": 2}
@@ -435,7 +460,7 @@ async def test_unsubscribe_and_disconnect_drop_redis_interest(redis_url: str) ->
         c3.ws.transport.abort()
 
         deadline = time.monotonic() + 5
-        while (interest := await redis_interest(redis, b_pid, redis_port)) != (0, 0):
+        while (interest := await redis_interest(redis, b_pid, redis_port)) != (CANARY, 0):
             assert time.monotonic() < deadline, f"B still subscribed on Redis: {interest}"
             await asyncio.sleep(0.02)
         assert await numsub(redis, f"{prefix}u.a") == 0
@@ -558,6 +583,15 @@ async def test_redis_outage_with_real_processes() -> None:
                 await until_status(f"{broker.http_url}/readyz", 200, 10)
             timings["readyz_200_after_restart"] = time.monotonic() - up_at
 
+            # Each subscription was told, once, that it may have missed messages
+            # (none of these channels keeps history to fill the hole from).
+            for c, subscribed in ((sub_a, ["o.x"]), (sub_b, ["o.>"]), (late_b, ["o.late"])):
+                gaps = [await c.recv() for _ in subscribed]
+                assert gaps == [
+                    {"op": "gap", "channel": channel, "reason": "backplane_interrupted"}
+                    for channel in subscribed
+                ], c.name
+
             # Delivery resumes across processes without anyone re-subscribing.
             await pub_a.publish_many([("o.x", "after"), ("o.late", "late")])
             assert (await sub_a.recv())["data"] == "after"
@@ -579,8 +613,8 @@ async def test_redis_outage_with_real_processes() -> None:
                 links = redis_link_ports(pid, server.port)
                 assert len(links) == 2, (pid, links)  # one receiving, one publishing
             assert a.starts == b.starts == 1
-            assert_one_outage_logged(a, restored=1)  # o.x
-            assert_one_outage_logged(b, restored=2)  # o.>, o.late
+            assert_one_outage_logged(a, restored=CANARY + 1)  # o.x
+            assert_one_outage_logged(b, restored=CANARY + 2)  # o.>, o.late
             _, samples = await asyncio.to_thread(scrape, a.http_url)
             assert samples["broker_backplane_connection_losses_total"] == 1
             assert samples["broker_publish_failures_total"] == 1
@@ -588,7 +622,8 @@ async def test_redis_outage_with_real_processes() -> None:
         if server.process is not None:
             server.stop()
     print("redis outage timings (s):", {k: round(v, 3) for k, v in timings.items()})
-    assert timings["readyz_200_after_restart"] < 8.0  # reconnect backoff cap 5 s, plus slack
+    # The contract: 200 within 5 s after the backplane delivers again (backoff cap 2 s).
+    assert timings["readyz_200_after_restart"] < 5.0
 
 
 async def test_blackholed_redis_link_fails_publishes_promptly(redis_url: str) -> None:
@@ -640,15 +675,21 @@ async def test_blackholed_redis_link_fails_publishes_promptly(redis_url: str) ->
 
             proxy.resume()
             resumed_at = time.monotonic()
-            await until_status(f"{a.http_url}/readyz", 200, 10)
+            await until_status(f"{a.http_url}/readyz", 200, 5)  # the contract's bound
             timings["readyz_200_after_resume"] = time.monotonic() - resumed_at
+            # sub@a missed b-during, and k.x keeps no history: it is told so, once.
+            gap = {"op": "gap", "channel": "k.x", "reason": "backplane_interrupted"}
+            assert await sub_a.recv() == gap
             await pub_a.publish_many([("k.x", "a-after")])
             await pub_b.publish_many([("k.x", "b-after")])
             for c in (sub_a, sub_b):
                 got = await c.messages_until(
                     lambda got: {"a-after", "b-after"} <= {f["data"] for f in got}, limit=4
                 )
-                assert "held" not in [f["data"] for f in got], c.name
+                # The two "held" publishes timed out after they had left A: they were
+                # answered unavailable ("no confirmation"), and may still arrive once the
+                # link heals (docs/delivery.md), but never twice.
+                assert [f["data"] for f in got].count("held") <= 2, c.name
                 assert [f["data"] for f in got].count("a-after") == 1, c.name
             assert a.starts == 1 and a.running
             assert "Traceback" not in a.log_text()
@@ -665,6 +706,8 @@ async def test_workers_share_ports_restart_and_stop_together(redis_url: str) -> 
     parent = redis_broker(
         redis_url, new_prefix(), "--workers", "2",
         BROKER_SHUTDOWN_TIMEOUT=str(shutdown_timeout),
+        # These clients do not reconnect: rebalancing has its own test below.
+        BROKER_REBALANCE_WORKERS="false",
     )  # fmt: skip
     report: list[str] = []
     async with running(parent), AsyncExitStack() as stack:
@@ -684,9 +727,16 @@ async def test_workers_share_ports_restart_and_stop_together(redis_url: str) -> 
                 await c.subscribe("w.>")
             return fresh
 
-        async def spread() -> dict[int, int]:
-            views = await asyncio.to_thread(scrape_each, parent.http_url, workers)
-            return {pid: int(v["broker_connections"]) for pid, v in views.items()}
+        async def spread(expected: int | None = None) -> dict[int, int]:
+            # Other workers' counts are up to a second old: wait for them to settle.
+            deadline = time.monotonic() + 5
+            while True:
+                views = await asyncio.to_thread(scrape_each, parent.http_url, workers)
+                counts = {pid: int(v["broker_connections"]) for pid, v in views.items()}
+                if expected is None or sum(counts.values()) == expected:
+                    return counts
+                assert time.monotonic() < deadline, counts
+                await asyncio.sleep(0.1)
 
         async def everyone_gets(data: int) -> None:
             body = {"channel": "w.x", "data": data}
@@ -696,20 +746,21 @@ async def test_workers_share_ports_restart_and_stop_together(redis_url: str) -> 
             await asyncio.gather(*(c.barrier() for c in clients))  # once each
 
         clients = await connect_more(20, "c")
-        first_spread = await spread()
-        assert sum(first_spread.values()) == 20 and all(first_spread.values()), first_spread
+        first_spread = await spread(20)
+        assert all(first_spread.values()), first_spread
         report.append(f"spread {sorted(first_spread.values())}")
         await everyone_gets(1)
 
         # One worker stopped gracefully, then the other killed: each time only that
-        # worker's clients drop (1001, then no close frame), and a new worker takes over.
+        # worker's clients drop (1012 from its drain, then no close frame), and a new
+        # worker takes over.
         for round_, (victim, signum, close_code, exit_code) in enumerate(
             [
-                (min(workers), signal.SIGTERM, 1001, 0),
+                (min(workers), signal.SIGTERM, 1012, 0),
                 (max(workers), signal.SIGKILL, None, -9),
             ]
         ):
-            on_victim = (await spread())[victim]
+            on_victim = (await spread(20))[victim]
             os.kill(victim, signum)
             lost_at = time.monotonic()
             await until(lambda: not alive(victim), 10)  # noqa: B023 - awaited at once
@@ -732,10 +783,10 @@ async def test_workers_share_ports_restart_and_stop_together(redis_url: str) -> 
             )
             assert f"(pid {victim}) exited with {exit_code}; restarting" in parent.log_text()
             clients = survivors + await connect_more(20 - len(survivors), f"r{round_}.")
-            assert sum((await spread()).values()) == 20
+            assert sum((await spread(20)).values()) == 20
             await everyone_gets(2 + round_)
 
-        # SIGTERM to the parent: every client gets 1001, the parent exits 0, no worker stays.
+        # SIGTERM to the parent: every worker drains (1012), the parent exits 0, none stays.
         os.kill(ppid, signal.SIGTERM)
         stop_at = time.monotonic()
 
@@ -745,7 +796,7 @@ async def test_workers_share_ports_restart_and_stop_together(redis_url: str) -> 
             return closed.value.rcvd.code if closed.value.rcvd else None
 
         codes = await asyncio.gather(*(close_code_of(c) for c in clients))
-        assert codes == [1001] * len(clients)
+        assert codes == [1012] * len(clients)
         await until(lambda: not parent.running, shutdown_timeout + 5)
         report.append(f"SIGTERM to exit in {time.monotonic() - stop_at:.2f} s")
         assert parent.code == 0, parent.log_text()[-3000:]
@@ -798,3 +849,60 @@ async def test_workers_refuse_taken_ports_and_die_with_their_supervisor(redis_ur
         # A supervisor killed outright takes its workers with it (they stop gracefully).
         os.kill(ppid, signal.SIGKILL)
         await until(lambda: not any(alive(pid) for pid in workers), 10)
+
+
+async def test_workers_metrics_add_up_and_a_replaced_worker_gets_its_share(
+    redis_url: str,
+) -> None:
+    """One scrape shows every worker; after a crash the survivors shed the excess."""
+    from tests.test_delivery_faults import Subscriber, tasks
+
+    parent = redis_broker(redis_url, new_prefix(), "--workers", "2")
+    async with running(parent), AsyncExitStack() as stack:
+        ppid = parent.pid
+        assert ppid is not None
+        await until(lambda: "ready: 2 workers" in parent.log_text(), 15)
+        workers = children(ppid)
+        # Counts from all workers add up, whichever worker answers the scrape.
+        connector = aiohttp.TCPConnector(force_close=True)  # a new connection each time
+        http = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+        for n in range(30):
+            assert await post(http, f"{parent.http_url}/publish", {"channel": "m", "data": n}) == (
+                200,
+                {"ok": True},
+            )
+        deadline = time.monotonic() + 5
+        while True:
+            views = await asyncio.to_thread(scrape_each, parent.http_url, workers)
+            total = sum(v["broker_messages_published_total"] for v in views.values())
+            if total == 30 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert total == 30, views
+
+        subs = [Subscriber([parent.ws_url], ["w.x"], f"s{i}") for i in range(20)]
+        async with tasks(*(s.run() for s in subs)):
+            await within(asyncio.gather(*(s.connected.wait() for s in subs)), 15)
+            victim = min(workers)
+            os.kill(victim, signal.SIGKILL)
+            await until(lambda: len(children(ppid) - {victim}) == 2, 10)
+            (replacement,) = children(ppid) - workers
+            survivor = (workers - {victim}).pop()
+
+            def share_of_replacement() -> tuple[int, int]:
+                views = scrape_each(parent.http_url, {replacement, survivor})
+                return (
+                    int(views[replacement]["broker_connections"]),
+                    int(views[survivor]["broker_connections"]),
+                )
+
+            deadline = time.monotonic() + 15
+            counts = (0, 0)
+            while time.monotonic() < deadline:
+                counts = await asyncio.to_thread(share_of_replacement)
+                if counts[0] > 0 and sum(counts) == 20:
+                    break
+                await asyncio.sleep(0.2)
+            assert counts[0] > 0 and sum(counts) == 20, counts
+            assert "asking 1 others to shed" in parent.log_text()
+        print(f"after a crash and a rebalance: replacement {counts[0]}, survivor {counts[1]}")

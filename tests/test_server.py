@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close
 
 from broker.app import Running
+from broker.backplane import Published
 from broker.backplane.memory import MemoryBackplane
 from broker.exceptions import BackplaneError
 from broker.frames import SERVER_FRAME
@@ -108,14 +109,14 @@ class FaultyBackplane(MemoryBackplane):
         self.explode = False
         self.fail_with: BaseException | None = None
 
-    def publish(self, channel: str, data: bytes) -> asyncio.Future[None]:
+    def publish(self, channel: str, data: bytes, **options: Any) -> asyncio.Future[Published]:
         if self.explode:
             raise RuntimeError("a bug in the backplane")
         if self.fail_with is not None:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
             future.set_exception(self.fail_with)
             return future
-        return super().publish(channel, data)
+        return super().publish(channel, data, **options)
 
 
 # --- every error code -------------------------------------------------------------
@@ -330,9 +331,20 @@ def _small_receive_buffer_socket(port: int) -> socket.socket:
     return sock
 
 
-async def test_slow_consumer_is_closed_with_1013_and_nobody_else_notices() -> None:
+@pytest.mark.parametrize(
+    ("close_timeout", "pause"),
+    [
+        (10.0, 0.0),
+        # A client that reads only after the usual close_timeout still gets its
+        # 1013 (the cut waits longer, SLOW_CONSUMER_CLOSE_TIMEOUT), not a 1006.
+        (0.5, 2.0),
+    ],
+)
+async def test_slow_consumer_is_closed_with_1013_and_nobody_else_notices(
+    close_timeout: float, pause: float
+) -> None:
     cap = 64 * 1024
-    async with running_broker(max_backlog_bytes=cap, close_timeout=10) as broker:
+    async with running_broker(max_backlog_bytes=cap, close_timeout=close_timeout) as broker:
         sock = _small_receive_buffer_socket(broker.ws_port)
         # max_queue=1: the client stops reading its socket after one unread frame.
         async with (
@@ -363,6 +375,7 @@ async def test_slow_consumer_is_closed_with_1013_and_nobody_else_notices() -> No
             assert [item[0] for item in seen[:-1]] == list(range(published))
 
             # The slow client reads at last: what its socket held, then the close.
+            await asyncio.sleep(pause)
             frames, close = await drain(slow)
             assert close.code == 1013
             assert close.reason == f"slow consumer: backlog over {cap} bytes"
@@ -473,15 +486,15 @@ async def test_unsubscribe_stops_delivery() -> None:
         assert reply == {"op": "ok", "id": "v"}
         await publish(pub, "a.b", 3)
         await assert_alive(sub)
-        assert len(broker.node.hub.index) == 0
+        assert broker.node.hub.subscription_count == 0
 
 
 async def test_closing_a_connection_drops_its_subscriptions() -> None:
     async with running_broker() as broker:
         async with connect(ws_url(broker)) as ws:
             await subscribe(ws, "a", "b.*", "c.>")
-            assert len(broker.node.hub.index) == 3
-        await until(lambda: len(broker.node.hub.index) == 0 and not broker.node.peers)
+            assert broker.node.hub.subscription_count == 3
+        await until(lambda: broker.node.hub.subscription_count == 0 and not broker.node.peers)
 
 
 # --- HTTP on the WebSocket port ----------------------------------------------------
@@ -632,7 +645,7 @@ async def test_a_dead_peer_is_dropped_by_ping_timeout() -> None:
             assert len(broker.node.peers) == 1
             proxy.pause()  # the link goes silent both ways, nothing is closed
             await until(lambda: not broker.node.peers, timeout=5)
-            assert len(broker.node.hub.index) == 0
+            assert broker.node.hub.subscription_count == 0
         finally:
             proxy.resume()
             await ws.close()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker.config import default_config_path, load, unknown_variables
 from broker.exceptions import ConfigError
-from broker.settings import Settings, default_config_path, load
+from broker.settings import ChannelRule, Settings
+from broker.workers import worker_environment
 
 
 def _write(tmp_path: Path, text: str, name: str = "broker.toml") -> Path:
@@ -54,7 +57,7 @@ def test_environment_overrides_defaults() -> None:
             "BROKER_RATE_LIMIT": "2.5",
             "BROKER_BACKPLANE": "redis",
             "BROKER_LOG_LEVEL": "debug",
-            "BROKER_NOT_A_SETTING": "ignored",
+            "BROKER_TOKEN": "for the client commands, not a setting",
             "PORT": "1",  # no prefix: not ours
         }
     )
@@ -63,6 +66,92 @@ def test_environment_overrides_defaults() -> None:
     assert settings.rate_limit == 2.5
     assert settings.backplane == "redis"
     assert settings.log_level == "debug"
+
+
+def test_a_mistyped_environment_variable_is_reported_with_a_suggestion() -> None:
+    env = {"BROKER_PORTT": "9000", "BROKER_NOT_A_SETTING": "x", "BROKER_PORT": "1"}
+    assert load(env=env).port == 1  # reported, not fatal: other tools use the prefix too
+    assert unknown_variables(env) == [
+        "environment variable BROKER_NOT_A_SETTING is not a setting; ignored",
+        "environment variable BROKER_PORTT is not a setting; ignored (did you mean BROKER_PORT?)",
+    ]
+    assert unknown_variables({"BROKER_TOKEN": "t", "BROKER_CONFIG": "f"}) == []
+
+
+def test_list_settings_from_the_environment_as_json_or_commas() -> None:
+    settings = load(
+        env={
+            "BROKER_ALLOWED_ORIGINS": "https://a.example, https://*.b.example",
+            "BROKER_TRUSTED_PROXIES": '["10.0.0.0/8", "127.0.0.1"]',
+        }
+    )
+    assert settings.allowed_origins == ["https://a.example", "https://*.b.example"]
+    assert settings.trusted_proxies == ["10.0.0.0/8", "127.0.0.1"]
+
+
+def test_secrets_come_from_files_and_are_never_echoed(tmp_path: Path) -> None:
+    secret = _write(tmp_path, "s" * 40 + "\n", "jwt.secret")
+    settings = load(env={"BROKER_JWT_SECRET_FILE": str(secret)})
+    assert settings.jwt_secret is not None
+    assert settings.jwt_secret.get_secret_value() == "s" * 40  # the final newline dropped
+    assert "s" * 40 not in repr(settings)
+    with pytest.raises(ConfigError, match="give jwt_secret or jwt_secret_file, not both"):
+        load(env={"BROKER_JWT_SECRET_FILE": str(secret), "BROKER_JWT_SECRET": "x" * 40})
+    with pytest.raises(ConfigError, match="jwt_secret_file"):
+        load(env={"BROKER_JWT_SECRET_FILE": str(tmp_path / "missing")})
+    path = _write(tmp_path, "[auth]\njwt_secret = 12345\n")
+    with pytest.raises(ConfigError) as refused:
+        load(path, env={})
+    assert "jwt_secret" in str(refused.value) and "12345" not in str(refused.value)
+
+
+def test_auth_and_channel_rules_from_the_contract_example(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+[auth]
+jwt_secret = "0123456789abcdef0123456789abcdef"
+jwt_algorithms = ["HS256"]
+jwt_audience = "broker"
+jwt_leeway = 0
+anonymous = false
+api_key = "k"
+allowed_origins = ["https://dash.example.com", "https://*.example.org"]
+
+[[channels]]
+pattern = "sensors.>"
+subscribe = "token"
+publish = "token"
+history_size = 100
+history_ttl = 300
+
+[[channels]]
+pattern = "user.{sub}.>"
+""",
+    )
+    settings = load(path, env={})
+    assert settings.auth_required and settings.jwt_audience == "broker"
+    assert [rule.pattern for rule in settings.channels] == ["sensors.>", "user.{sub}.>"]
+    assert settings.channels[0].history_size == 100 and settings.channels[1].history_size == 0
+    assert settings.channels[1].subscribe is None  # the default applies
+
+
+@pytest.mark.parametrize(
+    ("toml", "words"),
+    [
+        ('[auth]\njwt_algorithms = ["none"]', "'none' is never accepted"),
+        ('[auth]\njwt_algorithms = ["HS999"]', "unknown algorithm"),
+        ('[auth]\nallowed_origins = ["https://a.example/path"]', "must be 'scheme://host"),
+        ('[auth]\ntrusted_proxies = ["not an ip"]', "not an IP address"),
+        ('[[channels]]\npattern = "a..b"', "channels[0]"),
+        ('[[channels]]\npattern = "a"\nsubscribe = "everyone"', "channels[0][subscribe]"),
+        ('[[channels]]\npattern = "a"\nhistory_size = -1', "history_size"),
+        ('[[channels]]\npattern = "a"\ntypo = 1', "typo"),
+    ],
+)
+def test_bad_auth_and_rule_settings_are_refused(tmp_path: Path, toml: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load(_write(tmp_path, toml), env={})
 
 
 def test_flat_toml_file(tmp_path: Path) -> None:
@@ -207,6 +296,18 @@ def test_workers_need_fixed_ports() -> None:
         load(env={}, overrides={"workers": 2, "backplane": "redis", "http_port": 0})
 
 
+def test_websocket_and_service_ports_must_differ() -> None:
+    with pytest.raises(ConfigError, match="port and http_port are both 9000"):
+        load(env={}, overrides={"port": 9000, "http_port": 9000})
+    with pytest.raises(ConfigError, match="must differ"):
+        load(env={}, overrides={"port": 9000, "http_port": 9000, "http_host": "0.0.0.0"})
+    # Different addresses may share a number; 0 means "any free port" for both.
+    apart = {"host": "127.0.0.1", "http_host": "127.0.0.2"}
+    settings = load(env={}, overrides={"port": 9000, "http_port": 9000, **apart})
+    assert (settings.host, settings.http_host) == ("127.0.0.1", "127.0.0.2")
+    assert load(env={}, overrides={"port": 0, "http_port": 0}).port == 0
+
+
 def test_data_cap_must_be_below_frame_cap() -> None:
     with pytest.raises(ConfigError, match="max_data_bytes must be smaller than max_frame_bytes"):
         load(env={"BROKER_MAX_FRAME_BYTES": "65536"})
@@ -234,7 +335,12 @@ def test_default_config_file_lists_every_setting_with_its_default() -> None:
         document = tomllib.load(fh)
     seen: dict[str, str] = {}
     _flatten(document, seen)
-    fields = set(Settings.model_fields)
+    # TOML has no null: a setting that is unset by default is shown commented out.
+    unset = {name for name, field in Settings.model_fields.items() if field.default is None}
+    text = path.read_text(encoding="utf-8")
+    for name in sorted(unset):
+        assert f"\n# {name} = " in text, f"{name} (unset by default) is not shown commented"
+    fields = set(Settings.model_fields) - unset
     assert sorted(fields - set(seen)) == [], "settings missing from config/broker.toml"
     assert sorted(set(seen) - fields) == [], "config/broker.toml lists unknown settings"
     # Loaded as a config file, it must give exactly the built-in defaults.
@@ -243,8 +349,11 @@ def test_default_config_file_lists_every_setting_with_its_default() -> None:
     flat: dict[str, Any] = {}
     _collect(document, flat)
     for name, field in Settings.model_fields.items():
-        assert flat[name] == field.default, f"{name}: file {flat[name]!r} != {field.default!r}"
-        assert type(flat[name]) is type(field.default), f"{name}: written with the wrong type"
+        if name in unset:
+            continue
+        default = field.get_default(call_default_factory=True)
+        assert flat[name] == default, f"{name}: file {flat[name]!r} != {default!r}"
+        assert type(flat[name]) is type(default), f"{name}: written with the wrong type"
 
 
 def _collect(table: dict[str, Any], into: dict[str, Any]) -> None:
@@ -271,3 +380,33 @@ def test_the_configuration_reference_documents_every_setting() -> None:
     reference = (default_config_path().parent.parent / "docs" / "configuration.md").read_text()
     for name in Settings.model_fields:
         assert f"| `{name}` | `BROKER_{name.upper()}` |" in reference, name
+
+
+def test_the_configuration_reference_documents_every_rule_field() -> None:
+    reference = (default_config_path().parent.parent / "docs" / "configuration.md").read_text()
+    for name in ChannelRule.model_fields:
+        assert f"| `{name}` |" in reference, name
+
+
+def test_workers_get_the_resolved_settings_secrets_and_rules_included(tmp_path: Path) -> None:
+    secret_file = _write(tmp_path, "a-secret-read-from-a-file-0123456789\n", "jwt.secret")
+    config = _write(
+        tmp_path,
+        f'jwt_secret_file = "{secret_file}"\napi_key = "key-0123456789abcdef"\n'
+        '[[channels]]\npattern = "user.{sub}.>"\nsubscribe = "token"\nhistory_size = 5\n',
+    )
+    parent = load(config, env={"BROKER_PORT": "9100", "BROKER_PATH": "/usr/bin"})
+    env = worker_environment(parent, 1)
+    # The worker reads exactly what the supervisor resolved, not its own BROKER_* variables.
+    assert not any(k.startswith("BROKER_") and k != "BROKER_WORKER_CONFIG" for k in env)
+    worker = load(env={**env, "BROKER_PORT": "1"})
+    assert worker.port == 9100 and worker.workers == 1 and worker.reuse_port
+    assert worker.worker_index == 1
+    assert worker.jwt_secret is not None and parent.jwt_secret is not None
+    assert worker.jwt_secret.get_secret_value() == "a-secret-read-from-a-file-0123456789"
+    assert (
+        worker.api_key is not None and worker.api_key.get_secret_value() == "key-0123456789abcdef"
+    )
+    assert worker.channels == parent.channels
+    # Shown nowhere: the settings' own text masks them.
+    assert "a-secret-read" not in repr(worker) and "key-0123" not in repr(worker)

@@ -9,8 +9,9 @@ one round trip per batch, in call order. While a batch is out, new publishes
 pile up and go together next time.
 
 redis-py's ``Pipeline`` does the same job about seven times slower here (it
-packs in Python and arms a timer per reply), so batches are packed by
-``redis_wire.pack_publish`` and written on a redis-py connection of our own.
+packs in Python and arms a timer per reply; ``bench/redis_publish.py`` measures
+it), so batches are packed by ``redis_wire.pack_publish`` and written on a
+redis-py connection of our own.
 That connection is replaced when the backplane reconnects (``renew()``), when
 it looks dirty before use, or after a failure.
 """
@@ -26,9 +27,11 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError, ResponseError
 
+from broker.backplane import PUBLISHED
+from broker.backplane.redis_scripts import load_commands
 from broker.exceptions import BackplaneError
 
-logger = logging.getLogger("broker.backplane.redis")
+logger = logging.getLogger(__name__)
 
 #: Most publishes written in one batch, and about the most bytes.
 MAX_BATCH = 1024
@@ -37,8 +40,12 @@ MAX_BATCH_BYTES = 1 << 20
 #: What a failing link or a failing Redis raises; anything else is our bug.
 LINK_ERRORS = (RedisError, OSError, TimeoutError, BackplaneError)
 
-#: A queued publish: the packed command and the future to resolve.
-_Outgoing = tuple[bytes, "asyncio.Future[None]"]
+#: Replies of a Redis Cluster saying the command went to the wrong node (not run).
+_MOVED = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
+
+#: A queued command: the packed bytes, the future to resolve, and how to turn
+#: Redis's reply into its result (None: a PUBLISH, whose result is ``PUBLISHED``).
+_Outgoing = tuple[bytes, "asyncio.Future[Any]", "Callable[[Any], Any] | None"]
 
 
 class RedisConnection(Protocol):
@@ -88,15 +95,21 @@ class Publisher:
         self._conn: RedisConnection | None = None
         self._stale = False  # the link was replaced: do not trust the connection
 
-    def enqueue(self, packed: bytes) -> asyncio.Future[None]:
-        """Queue one packed PUBLISH; the future resolves once Redis took it."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def enqueue(
+        self, packed: bytes, parse: Callable[[Any], Any] | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue one packed command; the future resolves once Redis answered it.
+
+        Without ``parse`` the command is a ``PUBLISH`` and the result
+        ``PUBLISHED``; with it, the result is ``parse(reply)`` (a script's).
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self.accepting:
             future.set_exception(BackplaneError("redis backplane: not connected to Redis"))
         elif len(self._outbox) >= self._max_pending:
             future.set_exception(BackplaneError("redis backplane: too many publishes queued"))
         else:
-            self._outbox.append((packed, future))
+            self._outbox.append((packed, future, parse))
             self._wakeup.set()
         return future
 
@@ -134,38 +147,58 @@ class Publisher:
         if not self.accepting:
             _fail(batch, "redis backplane: not connected to Redis")
             return
-        results: list[ResponseError | None] = []
+        replies: list[Any] = []
+        sent = False
         try:
             async with asyncio.timeout(self._timeout):
                 conn = await self._connection()
-                await conn.send_packed_command(b"".join(c for c, _ in batch), check_health=False)
+                await conn.send_packed_command(b"".join(c for c, _, _ in batch), check_health=False)
+                sent = True
                 for _ in batch:
                     try:
-                        await conn.read_response(timeout=math.inf, disconnect_on_error=False)
-                    except ResponseError as exc:  # this PUBLISH was refused (an ACL, say)
-                        results.append(exc)
+                        reply = await conn.read_response(
+                            timeout=math.inf, disconnect_on_error=False
+                        )
+                    except ResponseError as exc:  # this command was refused (an ACL, say)
+                        replies.append(exc)
                     else:
-                        results.append(None)
+                        replies.append(reply)
         except asyncio.CancelledError:
             _fail(batch, "redis backplane: closed")
             await self._drop()
             raise
         except LINK_ERRORS as exc:
             # What is queued behind this batch would wait on the same dead link.
-            reason = f"redis backplane: publish failed: {describe_error(exc)}"
-            _fail(batch, reason)
-            self.fail_queued(reason)
+            if sent:
+                # The commands left: Redis may still run them when the link heals.
+                reason = (
+                    f"redis backplane: no confirmation ({describe_error(exc)}); "
+                    "the message may still be delivered: retry with the same key"
+                )
+            else:
+                reason = f"redis backplane: publish failed: {describe_error(exc)}"
+            _fail(batch, reason, maybe_sent=sent)
+            self.fail_queued(f"redis backplane: publish failed: {describe_error(exc)}")
             await self._drop()
             self._on_failure()
             logger.debug("%s", reason)
             return
-        for (_, future), error in zip(batch, results, strict=True):
+        for (_, future, parse), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue
-            if error is None:
-                future.set_result(None)
+            if isinstance(reply, ResponseError):
+                if str(reply).startswith("NOSCRIPT"):
+                    self._stale = True  # the script cache was flushed: load them again
+                elif str(reply).startswith(_MOVED):
+                    self._on_failure()  # a cluster's slot moved: look at the topology again
+                future.set_exception(BackplaneError(f"redis backplane: refused: {reply}"))
+            elif parse is None:
+                future.set_result(PUBLISHED)
             else:
-                future.set_exception(BackplaneError(f"redis backplane: publish refused: {error}"))
+                try:
+                    future.set_result(parse(reply))
+                except ValueError as exc:
+                    future.set_exception(BackplaneError(f"redis backplane: bad reply: {exc}"))
 
     async def _connection(self) -> RedisConnection:
         """The connection for the next batch: a fresh one if the current one is suspect."""
@@ -179,8 +212,12 @@ class Publisher:
             conn = None
         if conn is None:
             self._stale = False
-            conn = self._conn = self._make_connection()
+            conn = self._make_connection()
             await conn.connect()
+            for command in load_commands():
+                await conn.send_command(*command, check_health=False)
+                await conn.read_response(timeout=math.inf, disconnect_on_error=False)
+            self._conn = conn
         return conn
 
     async def _drop(self) -> None:
@@ -205,7 +242,7 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _fail(batch: list[_Outgoing], reason: str) -> None:
-    for _, future in batch:
+def _fail(batch: list[_Outgoing], reason: str, *, maybe_sent: bool = False) -> None:
+    for _, future, _ in batch:
         if not future.done():
-            future.set_exception(BackplaneError(reason))
+            future.set_exception(BackplaneError(reason, maybe_sent=maybe_sent))

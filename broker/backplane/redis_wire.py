@@ -1,8 +1,9 @@
-"""Pure helpers of the Redis backplane: the envelope, Redis names, de-duplication, backoff.
+"""Pure helpers of the Redis backplane: the envelope, message ids, Redis names.
 
 Nothing here does I/O (no asyncio, no redis), so all of it is tested synchronously;
-``broker/backplane/redis.py`` is the thin part that talks to Redis. See
-``docs/redis.md`` for the formats written down for people outside this code.
+``broker/backplane/redis.py``, ``redis_link.py`` and ``redis_publisher.py`` are
+the thin parts that talk to Redis. See ``docs/redis.md`` for the formats written
+down for people outside this code.
 
 The envelope
 ------------
@@ -13,21 +14,41 @@ A payload that does not start with ``@`` is taken as bare JSON ``data`` without
 an id, so another service can ``PUBLISH broker.sensors.kitchen '{"t": 21.5}'``
 straight into Redis. No JSON text starts with ``@``, so the two never collide,
 and a node reads the header with one ``find`` instead of parsing JSON twice.
+
+Message ids
+-----------
+
+A broker node writes ids as ``<node id>~<counter in hex>``. Node ids cannot
+contain ``~`` and the docs reserve it for broker nodes, so ``~`` in an id says
+"written by a broker node, whose ``data`` was validated when it was published";
+receivers then skip the JSON check (``from_broker_node``). Ids of outside
+programs (``@billing-42 ...``) carry no ``~``: their ``data`` is checked like a
+bare payload's. Before this mark existed, nodes wrote ``<node id>-<counter>``,
+which cannot be told apart from an outside id such as ``billing-42``; such ids
+are simply checked, so nodes of both versions work together.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import NamedTuple
 
 from broker.channels import check_channel, check_pattern
 from broker.exceptions import BadChannel
+from broker.position import Position
 
+#: First character of the broker's own channels (the canary's); no client channel has it.
+INTERNAL_MARK = "$"
+_INTERNAL = re.compile(r"\$[a-z]+\.[A-Za-z0-9_.:\-]{1,64}")
 #: First byte of an enveloped payload; no JSON text can start with it.
 ENVELOPE_MARK = b"@"
 #: Longest message id accepted in an envelope, in bytes.
 MAX_ID_LENGTH = 64
+#: Longest envelope header: the id, and ``;<offset>;<epoch>`` with history.
+MAX_HEADER_LENGTH = MAX_ID_LENGTH + 1 + 20 + 1 + 64
+_EPOCH = re.compile(rb"[A-Za-z0-9_\-]{1,64}")
+#: In a message id, between the node id and the counter: reserved for broker nodes.
+NODE_ID_MARK = b"~"
 _GLOB_SPECIAL = re.compile(r"([\\*?\[\]])")
 _NODE_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,40}")
 
@@ -51,27 +72,57 @@ def pack_publish(channel: bytes, payload: bytes) -> bytes:
     )
 
 
-def decode_envelope(payload: bytes) -> tuple[bytes | None, bytes]:
-    """Split a payload read from Redis into ``(message id or None, data bytes)``.
+def decode_envelope(payload: bytes) -> tuple[bytes | None, Position | None, bytes]:
+    """Split a payload read from Redis into ``(message id or None, position or None, data)``.
+
+    A message published with history carries ``;<offset>;<epoch>`` after its
+    id (``@node~1f;18;k3j9 {...}``); ids never hold ``;``.
 
     Does not check that ``data`` is JSON: the caller does that once per
-    message, after dropping duplicates. Raises ``EnvelopeError`` when the
-    payload starts with ``@`` but has no well-formed id.
+    message, after dropping duplicates, and only when the id does not say
+    ``from_broker_node``. Raises ``EnvelopeError`` when the payload starts
+    with ``@`` but has no well-formed id.
     """
     if payload[:1] != ENVELOPE_MARK:
-        return None, payload
-    end = payload.find(b" ", 1, MAX_ID_LENGTH + 2)
+        return None, None, payload
+    end = payload.find(b" ", 1, MAX_HEADER_LENGTH + 2)
     if end < 2:
         raise EnvelopeError(f"envelope without an id of 1 to {MAX_ID_LENGTH} bytes")
-    return payload[1:end], payload[end + 1 :]
+    header = payload[1:end]
+    if b";" not in header:
+        if len(header) > MAX_ID_LENGTH:
+            raise EnvelopeError(f"envelope without an id of 1 to {MAX_ID_LENGTH} bytes")
+        return header, None, payload[end + 1 :]
+    message_id, _, position = header.partition(b";")
+    offset, _, epoch = position.partition(b";")
+    if (
+        not message_id
+        or len(message_id) > MAX_ID_LENGTH
+        or not offset.isdigit()
+        or not _EPOCH.fullmatch(epoch)
+    ):
+        raise EnvelopeError(f"malformed envelope header {header[:80]!r}")
+    return message_id, Position(int(offset), epoch.decode("ascii")), payload[end + 1 :]
+
+
+def from_broker_node(message_id: bytes) -> bool:
+    """Whether ``message_id`` was written by a broker node (it holds ``NODE_ID_MARK``).
+
+    Such a message's ``data`` was validated by the node that published it, so
+    a receiver need not parse it again. Only an outside program that writes
+    ``~`` in its own ids, against ``docs/redis.md``, can make this true for
+    data nobody checked; the receiver then relays that data as it is.
+    """
+    return NODE_ID_MARK in message_id
 
 
 class MessageIds:
-    """Makes the ids this process stamps on what it publishes: ``<node>-<counter in hex>``.
+    """Makes the ids this process stamps on what it publishes: ``<node>~<counter in hex>``.
 
     They are unique per process while it runs; de-duplication does not even
-    need that (see ``Deduplicator``), the id only makes the comparison cheap
-    and lets an operator trace a message back to its node.
+    need that (see ``broker.backplane.dedupe``), the id only makes the
+    comparison cheap, lets an operator trace a message back to its node and,
+    through its ``~``, tells receivers that the data was already validated.
     """
 
     __slots__ = ("_count", "_node")
@@ -84,7 +135,7 @@ class MessageIds:
 
     def next(self) -> bytes:
         self._count += 1
-        return b"%s-%x" % (self._node, self._count)
+        return b"%s~%x" % (self._node, self._count)
 
 
 def is_node_id(node_id: str) -> bool:
@@ -114,6 +165,9 @@ def redis_subscription(prefix: str, pattern: str) -> RedisSubscription:
     against its own index, which removes the surplus. Raises ``BadChannel``
     for an invalid pattern.
     """
+    if pattern.startswith(INTERNAL_MARK):
+        # The broker's own channels ($canary.<node>): exact, never a client's.
+        return RedisSubscription(False, (prefix + pattern).encode("ascii"))
     tokens = check_pattern(pattern).split(".")
     if "*" not in tokens and tokens[-1] != ">":
         return RedisSubscription(False, (prefix + pattern).encode("ascii"))
@@ -133,60 +187,9 @@ def channel_from_redis(prefix: bytes, raw: bytes) -> str | None:
         name = raw[len(prefix) :].decode("ascii")
     except UnicodeDecodeError:
         return None
+    if name.startswith(INTERNAL_MARK):
+        return name if _INTERNAL.fullmatch(name) else None
     try:
         return check_channel(name)
     except BadChannel:
         return None
-
-
-class Deduplicator:
-    """Drops the extra copies Redis sends when several subscriptions match one publish.
-
-    Redis sends one message per matching subscription of a connection (the
-    exact channel and each matching pattern), written one after another while
-    it runs that single ``PUBLISH``: nothing can come between them. So a copy
-    is a message equal to the previous one (same channel and key) that arrives
-    through a subscription *not yet seen* in the current run. A second publish
-    of equal content starts with a subscription already seen, because it
-    matches the same subscriptions, unless our subscriptions changed in
-    between, and then a (un)subscribe confirmation came in between and called
-    ``reset()``. This makes de-duplication exact, also for messages without an
-    id (where the key is the whole payload).
-    """
-
-    __slots__ = ("_channel", "_key", "_sources")
-
-    def __init__(self) -> None:
-        self._channel: bytes | None = None
-        self._key: bytes | None = None
-        self._sources: set[bytes | None] = set()
-
-    def first(self, channel: bytes, key: bytes, source: bytes | None) -> bool:
-        """Return whether to deliver this message; ``source`` is the pattern, or ``None``."""
-        if key == self._key and channel == self._channel and source not in self._sources:
-            self._sources.add(source)
-            return False
-        self._channel = channel
-        self._key = key
-        self._sources.clear()
-        self._sources.add(source)
-        return True
-
-    def reset(self) -> None:
-        """Forget the last message: the set of subscriptions has just changed."""
-        self._channel = None
-        self._key = None
-        self._sources.clear()
-
-
-def backoff_delay(attempt: int, cap: float, rand: Callable[[], float], base: float = 0.1) -> float:
-    """Seconds to wait before reconnect attempt ``attempt`` (0 is the first, right away).
-
-    Exponential from ``base``, capped at ``cap``, with "equal jitter" (a random
-    point in the upper half) so that many processes cut off together do not
-    come back in lockstep.
-    """
-    if attempt <= 0:
-        return 0.0
-    ceiling = min(cap, base * 2.0 ** min(attempt - 1, 30))
-    return ceiling / 2 + rand() * ceiling / 2

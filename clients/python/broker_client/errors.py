@@ -13,10 +13,16 @@
     │   ├── RateLimited         rate_limited
     │   ├── LimitExceeded       limit_exceeded
     │   ├── Unavailable         unavailable
-    │   └── Internal            internal
+    │   ├── Internal            internal
+    │   ├── Unauthorized        unauthorized
+    │   └── TokenExpired        token_expired
     ├── ConnectionClosed        connection_closed: no connection, or it was lost
     │                           before the reply came (the request may or may not
     │                           have reached the broker)
+    ├── CannotConnect           cannot_connect: the first connection never opened
+    │                           (.cause; also an OSError, like websockets' own)
+    ├── OutboxFull              outbox_full: too many fire-and-forget publishes
+    │                           wait for a connection
     └── Timeout                 timeout: no reply in time (also a TimeoutError)
 
 A code this client does not know (from a newer broker) becomes a plain
@@ -26,21 +32,27 @@ A code this client does not know (from a newer broker) becomes a plain
 
 from __future__ import annotations
 
+from broker_protocol import ErrorCode
+
 __all__ = [
     "ERROR_CODES",
     "BadChannel",
     "BadFrame",
     "BadRequest",
     "BrokerError",
+    "CannotConnect",
     "ConnectionClosed",
     "Forbidden",
     "Internal",
     "LimitExceeded",
     "NotSubscribed",
+    "OutboxFull",
     "RateLimited",
     "RequestError",
     "Timeout",
+    "TokenExpired",
     "TooLarge",
+    "Unauthorized",
     "Unavailable",
     "error_for_code",
 ]
@@ -49,7 +61,7 @@ __all__ = [
 class BrokerError(Exception):
     """Base class of every exception this client raises on purpose."""
 
-    code: str = "internal"
+    code: str = ErrorCode.INTERNAL.value
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -80,52 +92,64 @@ class RequestError(BrokerError):
 
 
 class BadFrame(RequestError):
-    code = "bad_frame"
+    code = ErrorCode.BAD_FRAME.value
 
 
 class BadRequest(RequestError):
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST.value
 
 
 class BadChannel(RequestError):
-    code = "bad_channel"
+    code = ErrorCode.BAD_CHANNEL.value
 
 
 class NotSubscribed(RequestError):
-    code = "not_subscribed"
+    code = ErrorCode.NOT_SUBSCRIBED.value
 
 
 class TooLarge(RequestError):
-    code = "too_large"
+    code = ErrorCode.TOO_LARGE.value
 
 
 class Forbidden(RequestError):
-    code = "forbidden"
+    code = ErrorCode.FORBIDDEN.value
 
 
 class RateLimited(RequestError):
-    code = "rate_limited"
+    code = ErrorCode.RATE_LIMITED.value
 
 
 class LimitExceeded(RequestError):
-    code = "limit_exceeded"
+    code = ErrorCode.LIMIT_EXCEEDED.value
 
 
 class Unavailable(RequestError):
-    code = "unavailable"
+    code = ErrorCode.UNAVAILABLE.value
 
 
 class Internal(RequestError):
-    code = "internal"
+    code = ErrorCode.INTERNAL.value
+
+
+class Unauthorized(RequestError):
+    """No valid token where one is needed, or a refused token (the message says why)."""
+
+    code = ErrorCode.UNAUTHORIZED.value
+
+
+class TokenExpired(RequestError):
+    """The connection's token ran out; a fresh ``auth`` within the grace keeps it."""
+
+    code = ErrorCode.TOKEN_EXPIRED.value
 
 
 class ConnectionClosed(BrokerError):
-    """There is no connection to the broker, or it was lost mid-request.
+    """There is no connection to the broker any more, or it was lost mid-request.
 
-    Raised when the first connection fails, when the client is closed or has
-    given up reconnecting, and when a non-idempotent request (``publish``) was
-    sent but the connection dropped before its reply: the message may or may
-    not have been delivered.
+    Raised when the client is closed or has given up reconnecting, and when a
+    publish without a ``key`` was sent but the connection dropped before its
+    reply: the message may or may not have been delivered. (A connection that
+    never opened is :class:`CannotConnect`.)
     """
 
     code = "connection_closed"
@@ -139,12 +163,45 @@ class ConnectionClosed(BrokerError):
         self.close_reason = close_reason
 
 
+class CannotConnect(BrokerError, OSError):
+    """The client could not open its first connection, so entering it failed.
+
+    ``cause`` is what went wrong (refused, unknown host, handshake refused,
+    time-out, bad URL); it is also the exception's ``__cause__``. An
+    ``OSError``, as the ``websockets`` library raises for the same failures,
+    so ``except OSError`` keeps working. Reconnections after the first
+    connection never raise it: they are retried with backoff.
+    """
+
+    code = "cannot_connect"
+
+    def __init__(self, message: str, *, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        #: The underlying failure (``OSError``, ``InvalidStatus``, ``TimeoutError`` ...).
+        self.cause = cause
+        self.__cause__ = cause
+
+
+class OutboxFull(BrokerError):
+    """``publish_nowait`` found the outbox full: the message was not queued.
+
+    The outbox holds fire-and-forget publishes while the client is not
+    connected (or has not written them yet); its size is the client's
+    ``max_outbox`` option. Wait for the connection (``await client.drain()``)
+    or use ``await client.publish()``, which waits by itself.
+    """
+
+    code = "outbox_full"
+
+
 class Timeout(BrokerError, TimeoutError):
     """No reply came within the time-out (the request may still take effect)."""
 
     code = "timeout"
 
 
+# The wire codes (ErrorCode) are the one source: a code without its class here
+# fails tests/test_client_core.py, and unknown codes still map to RequestError.
 _BY_CODE: dict[str, type[RequestError]] = {
     cls.code: cls
     for cls in (
@@ -158,11 +215,13 @@ _BY_CODE: dict[str, type[RequestError]] = {
         LimitExceeded,
         Unavailable,
         Internal,
+        Unauthorized,
+        TokenExpired,
     )
 }
 
-#: Every wire error code of protocol version 1, in the order of the protocol document.
-ERROR_CODES: tuple[str, ...] = tuple(_BY_CODE)
+#: Every wire error code of protocol version 2, in the order of the protocol document.
+ERROR_CODES: tuple[str, ...] = tuple(code.value for code in ErrorCode)
 
 
 def error_for_code(code: str, message: str, *, request_id: int | str | None = None) -> RequestError:

@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 
+from .errors import ConnectionClosed
 from .frames import Gap, Message, matches
 
 __all__ = ["Subscription"]
@@ -21,9 +22,11 @@ class Subscription:
 
     Create one with :meth:`Client.subscribe`. Iterating yields
     :class:`Message` objects; iteration ends when the subscription is
-    unsubscribed or its client closed, and raises :class:`ConnectionClosed`
-    if the client gave up reconnecting. :meth:`events` also yields
-    :class:`Gap` markers where messages may have been missed.
+    unsubscribed or its client closed, and raises the error that ended it
+    otherwise: :class:`ConnectionClosed` if the client gave up reconnecting,
+    the broker's error (``Forbidden`` ...) if the broker ended or refused the
+    subscription. :meth:`events` also yields :class:`Gap` markers where
+    messages may have been missed.
 
     A subscription buffers at most ``max_buffer`` messages: if the application
     reads slower than messages arrive, the oldest are dropped and an
@@ -37,7 +40,7 @@ class Subscription:
         *,
         unsubscribe: Callable[[Subscription], Awaitable[None]],
         max_buffer: int = DEFAULT_MAX_BUFFER,
-        generation: int = 0,
+        generation: int = -1,
     ) -> None:
         if max_buffer < 1:
             raise ValueError("max_buffer must be at least 1")
@@ -51,8 +54,10 @@ class Subscription:
         self._overflow = 0
         self._overflow_since = 0.0
         self._has_callback = False
-        #: Connection generation on which this subscription was confirmed.
+        #: Connection generation on which this subscription was confirmed (-1: not yet).
         self._generation = generation
+        #: Patterns the broker has confirmed for it: only those are routed to it.
+        self._live: set[str] = set()
         #: How many gaps (reconnections or overflows) this subscription has seen.
         self.gaps = 0
         #: How many messages were dropped because the buffer was full.
@@ -77,6 +82,9 @@ class Subscription:
     def matches(self, channel: str) -> bool:
         """Tell whether a message on ``channel`` belongs to this subscription."""
         return any(matches(p, channel) for p in self._patterns)
+
+    def _receives(self, channel: str) -> bool:
+        return any(matches(p, channel) for p in self._live)
 
     async def unsubscribe(self) -> None:
         """Stop receiving; buffered messages can still be read, then iteration ends."""
@@ -162,6 +170,10 @@ class Subscription:
 
     def _remove_pattern(self, pattern: str) -> None:
         self._patterns = tuple(p for p in self._patterns if p != pattern)
+        self._live.discard(pattern)
+
+    def _ending_error(self) -> BaseException:
+        return self._error or ConnectionClosed("the subscription ended before it was confirmed")
 
     def _end(self, error: BaseException | None = None) -> None:
         if self._ended:

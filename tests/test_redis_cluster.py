@@ -1,0 +1,411 @@
+"""The Redis Cluster backplane: its pure mapping, and masters killed on a real cluster.
+
+The contract suite (``test_backplane_contract.py``) and the scale-out test
+(``test_scaleout.py``) run on the shared cluster at ``REDIS_CLUSTER_URL``.
+The fault tests here start a cluster of their own (``LocalCluster``: three
+masters, three replicas, ``cluster-node-timeout`` 1 s) and SIGKILL the master
+that serves the channels under test, so that its replica is promoted:
+
+* the backplane reports ``link_lost`` once and ``link_restored`` once, and
+  publishes to the promoted master;
+* two broker processes under load, a master killed twice (the second time the
+  replica promoted by the first failover): ``/readyz`` turns 503 and back to
+  200, no acknowledged message is lost silently on a channel with history or
+  without, and the counts are printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.parse
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from broker import config
+from broker.app import make_backplane
+from broker.backplane.cluster_map import (
+    Buckets,
+    ChannelFilter,
+    Node,
+    key_slot,
+    pack_spublish,
+    parse_cluster_slots,
+    split_head,
+)
+from broker.backplane.redis_cluster import ClusterBackplane
+from broker.backplane.redis_scripts import KeyScheme
+from broker.exceptions import BackplaneError, BadChannel, ConfigError
+from broker.history import HistoryPolicy
+from tests.backplane_support import (
+    REPO,
+    Inbox,
+    LocalCluster,
+    eventually,
+    free_port,
+    our_tasks,
+)
+from tests.test_delivery_faults import Publisher, Subscriber, caught_up, check, tasks, ws
+from tests.test_deploy import dockerfile_env
+from tests.test_scaleout import new_prefix, redis_broker, running, until_status
+
+# -- the mapping (pure) ------------------------------------------------------------------
+
+
+def test_key_slot_matches_redis() -> None:
+    # Values from the Redis Cluster specification and CLUSTER KEYSLOT.
+    assert key_slot(b"foo") == 12182
+    assert key_slot(b"123456789") == 0x31C3 % 16384
+    assert key_slot(b"{user1000}.following") == key_slot(b"{user1000}.followers")
+    assert key_slot(b"foo{}{bar}") == key_slot(b"foo{}{bar}")  # an empty tag: the whole key
+    assert key_slot(b"foo{{bar}}zap") == key_slot(b"{bar")
+
+
+def test_a_channel_and_its_keys_share_the_slot_of_its_bucket() -> None:
+    buckets = Buckets(b"broker.", 64)
+    bucket = buckets.of_channel("sensors.kitchen")
+    assert bucket == zlib.crc32(b"sensors") % 64
+    assert buckets.names[bucket] == b"broker.{b%d}" % bucket
+    assert buckets.slots[bucket] == key_slot(b"broker.h:m:" + buckets.tag("sensors.kitchen"))
+    assert buckets.of_channel("sensors.hall.temp") == bucket  # same first token
+
+
+def test_every_key_of_a_channel_is_in_the_slot_of_its_shard_channel() -> None:
+    # The publish script touches all of them: one slot, or Redis refuses it (CROSSSLOT).
+    scheme = KeyScheme(b"broker.", Buckets(b"broker.", 64))
+    for channel in (b"sensors.kitchen", b"a", b"x.y.z", b"$canary.n1"):
+        slot = key_slot(scheme.pubsub(channel))
+        names = [scheme.meta(channel), scheme.stream(channel), scheme.key(channel, b"k{1}")]
+        assert {key_slot(name) for name in names} == {slot}, channel
+        assert scheme.publish == b"SPUBLISH" and scheme.head(channel) == channel + b" "
+    single = KeyScheme(b"broker.")
+    assert single.meta(b"a.b") == b"broker.h:m:a.b" and single.head(b"a.b") == b""
+
+
+def test_patterns_need_one_bucket_or_all() -> None:
+    buckets = Buckets(b"p.", 16)
+    assert buckets.of_pattern("sensors.>") == (buckets.of_channel("sensors"),)
+    assert buckets.of_pattern("sensors.*.temp") == (buckets.of_channel("sensors"),)
+    assert list(buckets.of_pattern("*.temp")) == list(range(16))
+    assert list(buckets.of_pattern(">")) == list(range(16))
+    assert buckets.of_pattern("$canary.n1") == (buckets.of_channel("$canary"),)
+    with pytest.raises(BadChannel):
+        buckets.of_pattern("a..b")
+    with pytest.raises(ValueError, match="hash tags"):
+        Buckets(b"a{b}.", 16)
+
+
+def test_the_filter_keeps_what_a_subscription_matches() -> None:
+    wanted = ChannelFilter()
+    assert not wanted("a.b")
+    for pattern in ("a.b", "s.*", "$canary.x"):
+        wanted.add(pattern)
+    assert wanted("a.b") and wanted("s.k") and wanted("$canary.x")
+    assert not wanted("a.c") and not wanted("s.k.l")
+    wanted.add("s.>")
+    assert wanted("s.k.l")  # the cached "no" was forgotten
+    for pattern in ("a.b", "s.*", "$canary.x"):
+        wanted.discard(pattern)
+    assert wanted("s.k.l") and wanted("s.k") and not wanted("a.b")
+    wanted.discard("s.>")
+    assert not wanted("s.k.l") and not wanted("s.k")
+
+
+def test_shard_payload_carries_the_channel() -> None:
+    packed = pack_spublish(b"p.{b3}", b"s.k", b"@n~1 {}")
+    assert packed == b"*3\r\n$8\r\nSPUBLISH\r\n$6\r\np.{b3}\r\n$11\r\ns.k @n~1 {}\r\n"
+    assert split_head(b"s.k @n~1 {}") == (b"s.k", b"@n~1 {}")
+    with pytest.raises(ValueError):
+        split_head(b"no-head")
+
+
+def test_cluster_slots_reply_is_parsed() -> None:
+    reply = [
+        [5461, 10922, [b"127.0.0.1", 7102, b"id2"], [b"127.0.0.1", 7105, b"id5"]],
+        [0, 5460, [b"", 7101, b"id1"], [b"127.0.0.1", 7104, b"id4"]],
+        [10923, 16383, [b"127.0.0.1", 7103, b"id3"]],
+    ]
+    slot_map = parse_cluster_slots(reply, Node("10.0.0.9", 7101))
+    assert slot_map.complete()
+    assert slot_map.owner(0) == Node("10.0.0.9", 7101, "id1")  # empty host: the node asked
+    assert slot_map.owner(16383) == Node("127.0.0.1", 7103, "id3")
+    assert set(slot_map.masters()) == {
+        slot_map.owner(0),
+        slot_map.owner(6000),
+        slot_map.owner(11000),
+    }
+    assert Node("127.0.0.1", 7105, "id5") in slot_map.nodes()
+    assert not parse_cluster_slots(reply[:2], Node("h", 1)).complete()
+
+
+def test_bad_cluster_options_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="database 0"):
+        ClusterBackplane(["redis://127.0.0.1:7101/2"])
+    with pytest.raises(ConfigError, match="redis:// or rediss://"):
+        ClusterBackplane(["unix:///tmp/redis.sock"])
+    with pytest.raises(ConfigError, match="hash tags"):
+        ClusterBackplane(["redis://127.0.0.1:7101"], prefix="a{b}.")
+    with pytest.raises(ConfigError, match="seed"):
+        ClusterBackplane([])
+
+
+async def test_start_while_no_node_answers_is_not_ready_and_closes_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    before = set(asyncio.all_tasks())
+    bp = ClusterBackplane([f"redis://127.0.0.1:{free_port()}"], socket_timeout=0.2)
+    await bp.start(Inbox())
+    assert not bp.ready
+    with pytest.raises(BackplaneError, match="no master known"):
+        await bp.publish("a.b", b"1")
+    await bp.subscribe("a.>")  # recorded, not refused
+    await bp.close()
+    assert our_tasks(before) == set()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "cannot map the cluster" in warnings[0], warnings
+
+
+# -- masters killed on a cluster of the test's own ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One cluster for this module's fault tests; each leaves it whole (3 + 3, in sync)."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def _made_whole(cluster: LocalCluster, killed: int) -> None:
+    """Start a killed node again; it rejoins as a replica and syncs."""
+    await asyncio.to_thread(cluster.start_node, killed)
+    await eventually(cluster.replicas_in_sync, 20, "replicas in sync", 0.2)
+
+
+async def _failover(cluster: LocalCluster, slot: int) -> int:
+    """Kill the master of ``slot`` and wait until its replica serves it; return the new port."""
+    old = cluster.master_of(slot)
+    cluster.kill(old)
+    asker = next(p for p in range(cluster.base, cluster.base + 6) if p != old)
+    start = time.monotonic()
+    while time.monotonic() - start < 20:
+        try:
+            new = cluster.master_of(slot, ask=asker)
+        except AssertionError:
+            new = old
+        if new != old:
+            return new
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no failover of slot {slot} within 20 s")
+
+
+@pytest.mark.redis_cluster
+@pytest.mark.slow
+async def test_a_killed_master_is_followed_to_its_promoted_replica(
+    own_cluster: LocalCluster,
+) -> None:
+    bp = ClusterBackplane([own_cluster.url], prefix="f.", socket_timeout=0.5, reconnect_max=0.5)
+    ready_at_events: list[tuple[str, bool]] = []
+
+    class Watch(Inbox):
+        def link_lost(self) -> None:
+            super().link_lost()
+            ready_at_events.append(("lost", bp.ready))
+
+        def link_restored(self) -> None:
+            super().link_restored()
+            ready_at_events.append(("restored", bp.ready))
+
+    inbox = Watch()
+    await bp.start(inbox)
+    try:
+        assert bp.ready
+        await bp.subscribe("orders.>")
+        await bp.publish("orders.a", b"1")
+        await inbox.wait_message("orders.a", b"1")
+        slot = bp.buckets.slots[bp.buckets.of_channel("orders")]
+        killed = own_cluster.master_of(slot)
+        await _failover(own_cluster, slot)
+        await eventually(lambda: bp.ready and len(inbox.links) == 2, 20, "ready again")
+        assert inbox.links == ["lost", "restored"]
+        assert ready_at_events == [("lost", False), ("restored", True)]
+        await bp.publish("orders.a", b"2")  # on the promoted replica
+        await inbox.wait_message("orders.a", b"2")
+        assert bp.stats()["connection_losses"] >= 1
+    finally:
+        await bp.close()
+    await _made_whole(own_cluster, killed)
+
+
+#: What an ACL user of the cluster backplane needs (docs/redis.md, "Redis Cluster").
+CLUSTER_ACL = [
+    *("on", ">s3cret", "resetchannels", "&broker-acl.*", "resetkeys", "~broker-acl.*", "-@all"),
+    *("+spublish", "+ssubscribe", "+sunsubscribe", "+ping", "+cluster|slots"),
+    *("+evalsha", "+script|load", "+get", "+set", "+hget", "+hset", "+hincrby", "+xadd"),
+    *("+xrange", "+xrevrange", "+del", "+expire", "+pexpire", "+time"),
+]
+
+
+@pytest.mark.redis_cluster
+async def test_an_acl_user_with_the_documented_rights_works_and_is_not_logged(
+    own_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    ports = range(own_cluster.base, own_cluster.base + 6)
+    for port in ports:  # ACLs are per node, not replicated
+        own_cluster.cli("acl", "setuser", "bk", *CLUSTER_ACL, port=port)
+    try:
+        url = f"redis://bk:s3cret@127.0.0.1:{own_cluster.base}"
+        bp = ClusterBackplane([url], prefix="broker-acl.")
+        inbox = Inbox()
+        await bp.start(inbox)
+        try:
+            assert bp.ready
+            await bp.subscribe("acl.>")
+            await bp.publish("acl.a", b"1")
+            kept = await bp.publish("acl.b", b"2", history=HistoryPolicy(size=5, ttl=60.0), key="k")
+            assert kept.position is not None
+            await inbox.wait_message("acl.b", b"2")
+            assert (await bp.read("acl.b", HistoryPolicy(size=5, ttl=60.0), after=0)).entries == (
+                (1, b"2"),
+            )
+        finally:
+            await bp.close()
+    finally:
+        for port in ports:
+            own_cluster.cli("acl", "deluser", "bk", port=port)
+    assert all("s3cret" not in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+
+@pytest.mark.redis_cluster
+@pytest.mark.slow
+async def test_a_resharded_slot_is_followed_and_its_history_starts_a_new_epoch(
+    own_cluster: LocalCluster,
+) -> None:
+    bp = ClusterBackplane([own_cluster.url], prefix="m.", socket_timeout=0.5, reconnect_max=0.5)
+    inbox = Inbox()
+    await bp.start(inbox)
+    history = HistoryPolicy(size=10, ttl=60.0)
+    try:
+        await bp.subscribe("orders.>")
+        first = await bp.publish("orders.a", b"1", history=history)
+        await inbox.wait_message("orders.a", b"1")
+        slot = bp.buckets.slots[bp.buckets.of_channel("orders")]
+        old = own_cluster.master_of(slot)
+        new = next(
+            own_cluster.master_of(s) for s in (0, 8000, 16383) if own_cluster.master_of(s) != old
+        )
+        await asyncio.to_thread(own_cluster.move_slot, slot, new)
+        # The old master unsubscribes us from the moved shard channel: followed at once.
+        took = await eventually(
+            lambda: inbox.links == ["lost", "restored"], 10, "the reshard followed"
+        )
+        print(f"reshard followed in {took:.2f} s")
+        second = await bp.publish("orders.a", b"2", history=history)
+        await inbox.wait_message("orders.a", b"2")
+        # The moved history was written by another master: a new epoch, never a reused offset.
+        assert first.position is not None and second.position is not None
+        assert second.position.epoch != first.position.epoch and second.position.offset == 1
+    finally:
+        await bp.close()
+
+
+@pytest.mark.redis_cluster
+@pytest.mark.slow
+async def test_two_failovers_under_load_lose_no_acknowledged_message_silently(
+    own_cluster: LocalCluster,
+) -> None:
+    prefix = new_prefix()
+    buckets = Buckets(prefix.encode(), 64)
+    history_channel = "h.o"
+    slot = buckets.slots[buckets.of_channel(history_channel)]
+    master = own_cluster.master_of(slot)
+    # A channel without history on the same master, so both are cut by each kill.
+    plain = next(
+        f"p{i}.o"
+        for i in range(1000)
+        if own_cluster.master_of(buckets.slots[buckets.of_channel(f"p{i}")]) == master
+    )
+    rules = '[{"pattern": "h.>", "history_size": 10000, "history_ttl": 600}]'
+    a, b = (
+        redis_broker(own_cluster.url, prefix, backplane="redis-cluster", BROKER_CHANNELS=rules)
+        for _ in range(2)
+    )
+    async with running(a, b):
+        subs = [
+            Subscriber([ws(a)], [history_channel, plain], "on_a"),
+            Subscriber([ws(b)], [history_channel, plain], "on_b"),
+        ]
+        pubs = [Publisher([ws(a), ws(b)], history_channel), Publisher([ws(b), ws(a)], plain)]
+        failovers = 0
+        async with tasks(*(s.run() for s in subs)):
+            await asyncio.wait_for(asyncio.gather(*(s.connected.wait() for s in subs)), 10)
+            async with tasks(*(p.run(600, 0.01) for p in pubs)):
+                for _ in range(2):
+                    await asyncio.sleep(1.0)
+                    killed = own_cluster.master_of(slot)
+                    unready = [  # /readyz tells the truth meanwhile (watched from before the kill)
+                        asyncio.create_task(until_status(f"{broker.http_url}/readyz", 503, 20))
+                        for broker in (a, b)
+                    ]
+                    await _failover(own_cluster, slot)
+                    failovers += 1
+                    await asyncio.gather(*unready)
+                    for broker in (a, b):
+                        await until_status(f"{broker.http_url}/readyz", 200, 30)
+                    # The killed node comes back as a replica, ready for the next failover.
+                    await _made_whole(own_cluster, killed)
+                await asyncio.wait_for(asyncio.gather(*(p.done.wait() for p in pubs)), 60)
+            for pub, channel in zip(pubs, (history_channel, plain), strict=True):
+                await caught_up(subs, channel, pub, 15)
+        results: dict[str, Any] = {"failovers": failovers}
+        for pub, channel in zip(pubs, (history_channel, plain), strict=True):
+            totals = check(subs, pub, channel)
+            delivered = {s.name: len(s.received.get(channel, [])) for s in subs}
+            gaps = {
+                s.name: sum(1 for e in s.events if e.get("op") == "gap" and e["channel"] == channel)
+                for s in subs
+            }
+            results[channel] = {**totals, "delivered": delivered, "gaps": gaps}
+    print("redis cluster failovers:", results)
+    for channel in (history_channel, plain):
+        totals = results[channel]
+        assert totals["messages_lost_silently"] == 0, totals
+        assert totals["acked"] >= 100 and totals["refused"] > 0, totals  # traffic, and outages
+    # Without history every subscriber is told of each outage it may have missed.
+    assert all(n >= 1 for n in results[plain]["gaps"].values()), results
+
+
+# -- the compose example ---------------------------------------------------------------
+
+
+def test_compose_cluster_example_is_valid_broker_configuration() -> None:
+    data = yaml.safe_load((REPO / "deploy" / "docker-compose.cluster.yml").read_text())
+    services = data["services"]
+    nodes = {name for name in services if name.startswith("redis")}
+    assert len(nodes) == 6
+    addresses = {services[n]["networks"]["backend"]["ipv4_address"] for n in nodes}
+    create = " ".join(services["cluster-init"]["command"])
+    assert sorted(re.findall(r"(172\.30\.1\.\d+):6379", create.split("--cluster create")[1])) == (
+        sorted(addresses)
+    )
+    for name in ("broker1", "broker2"):
+        env = {**dockerfile_env(), **services[name]["environment"]}
+        settings = config.load(env={k: v for k, v in env.items() if k.startswith("BROKER_")})
+        assert settings.backplane == "redis-cluster"
+        seeds = [urllib.parse.urlsplit(u).hostname for u in settings.redis_url.split(",")]
+        assert set(seeds) <= addresses
+        assert settings.http_host == "0.0.0.0"
+        assert (
+            services[name]["environment"]["BROKER_TRUSTED_PROXIES"]
+            == (services["lb"]["networks"]["backend"]["ipv4_address"])
+        )
+        make_backplane(settings)  # the seeds parse; constructing does no I/O
