@@ -9,9 +9,10 @@ Two figures (see bench/README.md, "Redis Cluster"):
    alternating, ``--rounds`` times. Printed: deliveries per second, server CPU
    per delivery, and the cluster/single ratio of the medians.
 2. **What each shard carries.** ``--messages`` publishes spread over 1, 16 and
-   256 channels, through the sharded path (``SPUBLISH`` to the channel's
-   bucket, what the backplane sends) and through classic ``PUBLISH`` on the
-   same cluster, with one subscriber process subscribed to every channel. The
+   256 channels, through the sharded path (what the backplane sends: one
+   script that ``SPUBLISH``es to the channel's own shard channel and to its
+   bucket's) and through classic ``PUBLISH`` on the same cluster, with one
+   subscriber process subscribed to every channel. The
    counts come from the nodes themselves: ``INFO commandstats``
    (``cmdstat_spublish``/``cmdstat_publish`` calls) plus ``CLUSTER INFO``
    (pub/sub messages each node received over the cluster bus), reset before
@@ -51,6 +52,7 @@ from bench import clients, loadgen  # noqa: E402
 from bench.procstat import Probe  # noqa: E402
 from bench.run import BROKER_CMD, RESULTS, servers  # noqa: E402
 from broker.backplane.cluster_map import Buckets  # noqa: E402
+from broker.backplane.redis_scripts import SHARD_PUBLISH_SCRIPT  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -232,12 +234,13 @@ async def one_traffic_step(
     clients_: list[aioredis.Redis] = []
     try:
         if sharded:
-            # One subscriber connection per master holding wanted buckets, as the backplane does.
-            wanted = sorted({buckets.of_channel(c) for c in channels})
+            # One subscriber connection per master, subscribed to each channel's own
+            # shard channel, as the backplane does for exact subscriptions.
             by_node: dict[Any, list[bytes]] = {}
-            for b in wanted:
-                node = cluster.get_node_from_key(buckets.names[b])
-                by_node.setdefault((node.host, node.port), []).append(buckets.names[b])
+            for channel in channels:
+                name = buckets.channel_name(channel)
+                node = cluster.get_node_from_key(name)
+                by_node.setdefault((node.host, node.port), []).append(name)
             for (host, port), names in by_node.items():
                 client = aioredis.Redis(host=host, port=port)
                 clients_.append(client)
@@ -264,9 +267,10 @@ async def one_traffic_step(
         payload = orjson.dumps({"n": 0})
         for i in range(args.messages):
             channel = channels[i % len(channels)]
-            if sharded:
-                shard = buckets.names[buckets.of_channel(channel)]
-                await cluster.spublish(shard, channel.encode() + b" @b~1 " + payload)
+            if sharded:  # what the backplane sends: the channel's copy and the bucket's
+                own = buckets.channel_name(channel)
+                bucket = buckets.names[buckets.of_channel(channel)]
+                await cluster.eval(SHARD_PUBLISH_SCRIPT, 2, own, bucket, b"@b~1 " + payload)
             else:
                 await cluster.publish(f"benchtraffic.{channel}", payload)
         try:

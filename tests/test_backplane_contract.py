@@ -33,7 +33,7 @@ from broker.backplane.cluster_map import Buckets
 from broker.backplane.memory import MemoryBackplane
 from broker.backplane.redis import RedisBackplane
 from broker.backplane.redis_cluster import ClusterBackplane
-from broker.backplane.redis_scripts import KeyScheme
+from broker.backplane.redis_scripts import SHARD_PUBLISH_SCRIPT, KeyScheme
 from broker.exceptions import BackplaneError
 from broker.history import HistoryPolicy
 from broker.position import Position
@@ -73,13 +73,14 @@ class Env:
         return bp
 
     async def outside(self, channel: str, payload: bytes) -> None:
-        """Publish as another program would: PUBLISH, or SPUBLISH to the channel's bucket."""
+        """Publish as another program would: PUBLISH, or on a cluster the shard script."""
         if self.kind != "cluster":
             await self.raw.publish(f"{self.prefix}{channel}", payload)
             return
+        # As docs/redis.md tells outside programs: the script, routed by its keys.
         buckets = Buckets(self.prefix.encode(), 64)
-        shard = buckets.names[buckets.of_channel(channel)]
-        await self.raw.spublish(shard, channel.encode() + b" " + payload)
+        own, bucket = buckets.channel_name(channel), buckets.names[buckets.of_channel(channel)]
+        await self.raw.eval(SHARD_PUBLISH_SCRIPT, 2, own, bucket, payload)
 
     async def started(self, **options: Any) -> tuple[Any, Inbox]:
         bp = self.make(**options)
@@ -259,34 +260,36 @@ async def test_racing_subscribe_and_unsubscribe_end_in_last_state(redis_env: Env
 async def test_channel_name_on_redis_is_prefixed_and_enveloped(redis_env: Env) -> None:
     bp, _ = await redis_env.started()
     client = redis_env.raw
-    kind = "message"
+    kind, wanted = "message", 1
     if redis_env.kind == "cluster":
-        # The channel's bucket, a shard channel on the master of its slot.
+        # The channel's own shard channel, then its bucket's, on the master of their slot.
         buckets = Buckets(redis_env.prefix.encode(), 64)
+        own = buckets.channel_name("sensors.kitchen")
         shard = buckets.names[buckets.of_channel("sensors.kitchen")]
         node = redis_env.raw.get_node_from_key(shard)
         client = aioredis.Redis(host=node.host, port=node.port)
         pubsub = client.pubsub()
-        await pubsub.ssubscribe(shard)
-        kind = "smessage"
+        await pubsub.ssubscribe(own, shard)
+        kind, wanted = "smessage", 2
     else:
         pubsub = client.pubsub()
         await pubsub.subscribe(f"{redis_env.prefix}sensors.kitchen")
     await bp.publish("sensors.kitchen", b'{"t":21.5}')
+    messages = []
     try:
         async with asyncio.timeout(3):
-            while True:
+            while len(messages) < wanted:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is not None and message["type"] == kind:
-                    break
+                    messages.append(message)
     finally:
         await pubsub.aclose()
         if client is not redis_env.raw:
             await client.aclose()
-    payload = message["data"]
+    payload = messages[0]["data"]
     if redis_env.kind == "cluster":
-        head, _, payload = payload.partition(b" ")
-        assert head == b"sensors.kitchen"
+        assert [m["channel"] for m in messages] == [own, shard]
+        assert messages[1]["data"] == b"sensors.kitchen " + payload
     header, _, data = payload.partition(b" ")
     assert header.startswith(b"@" + bp.node_id.encode())
     assert data == b'{"t":21.5}'

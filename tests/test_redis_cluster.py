@@ -33,13 +33,14 @@ from broker.backplane.cluster_map import (
     Buckets,
     ChannelFilter,
     Node,
+    is_exact,
     key_slot,
-    pack_spublish,
     parse_cluster_slots,
+    shard_target,
     split_head,
 )
 from broker.backplane.redis_cluster import ClusterBackplane
-from broker.backplane.redis_scripts import KeyScheme
+from broker.backplane.redis_scripts import SHARD_PUBLISH_SHA, KeyScheme, pack, pack_shard_publish
 from broker.exceptions import BackplaneError, BadChannel, ConfigError
 from broker.history import HistoryPolicy
 from tests.backplane_support import (
@@ -82,9 +83,11 @@ def test_every_key_of_a_channel_is_in_the_slot_of_its_shard_channel() -> None:
         slot = key_slot(scheme.pubsub(channel))
         names = [scheme.meta(channel), scheme.stream(channel), scheme.key(channel, b"k{1}")]
         assert {key_slot(name) for name in names} == {slot}, channel
+        assert key_slot(scheme.channel_pubsub(channel)) == slot
         assert scheme.publish == b"SPUBLISH" and scheme.head(channel) == channel + b" "
     single = KeyScheme(b"broker.")
     assert single.meta(b"a.b") == b"broker.h:m:a.b" and single.head(b"a.b") == b""
+    assert single.channel_pubsub(b"a.b") == b""
 
 
 def test_patterns_need_one_bucket_or_all() -> None:
@@ -100,25 +103,41 @@ def test_patterns_need_one_bucket_or_all() -> None:
         Buckets(b"a{b}.", 16)
 
 
-def test_the_filter_keeps_what_a_subscription_matches() -> None:
+def test_the_filter_keeps_what_a_pattern_matches() -> None:
     wanted = ChannelFilter()
     assert not wanted("a.b")
-    for pattern in ("a.b", "s.*", "$canary.x"):
-        wanted.add(pattern)
-    assert wanted("a.b") and wanted("s.k") and wanted("$canary.x")
-    assert not wanted("a.c") and not wanted("s.k.l")
+    wanted.add("s.*")
+    assert wanted("s.k") and not wanted("s.k.l") and not wanted("a.b")
     wanted.add("s.>")
     assert wanted("s.k.l")  # the cached "no" was forgotten
-    for pattern in ("a.b", "s.*", "$canary.x"):
-        wanted.discard(pattern)
-    assert wanted("s.k.l") and wanted("s.k") and not wanted("a.b")
+    wanted.discard("s.*")
+    assert wanted("s.k.l") and wanted("s.k")
     wanted.discard("s.>")
     assert not wanted("s.k.l") and not wanted("s.k")
 
 
-def test_shard_payload_carries_the_channel() -> None:
-    packed = pack_spublish(b"p.{b3}", b"s.k", b"@n~1 {}")
-    assert packed == b"*3\r\n$8\r\nSPUBLISH\r\n$6\r\np.{b3}\r\n$11\r\ns.k @n~1 {}\r\n"
+def test_exact_subscriptions_and_patterns_are_told_apart() -> None:
+    assert is_exact("a.b") and is_exact("a") and is_exact("$canary.n1")
+    assert not is_exact("a.*") and not is_exact("a.>") and not is_exact(">")
+
+
+def test_each_channel_has_a_shard_channel_of_its_own_in_its_bucket() -> None:
+    buckets = Buckets(b"p.", 16)
+    bucket = buckets.of_channel("s.k")
+    assert buckets.channel_name("s.k") == b"p.{b%d}s.k" % bucket
+    assert key_slot(buckets.channel_name("s.k")) == buckets.slots[bucket]
+    assert shard_target(b"p.", buckets.channel_name("s.k")) == b"s.k"
+    assert shard_target(b"p.", buckets.names[bucket]) is None  # the bucket
+    for foreign in (b"q.{b1}s.k", b"p.s.k", b"p.{b1"):
+        with pytest.raises(ValueError):
+            shard_target(b"p.", foreign)
+
+
+def test_a_plain_publish_sends_the_channel_copy_and_the_bucket_copy() -> None:
+    buckets = Buckets(b"p.", 16)
+    packed = pack_shard_publish(buckets, "s.k", b"@n~1 {}")
+    name, bucket = buckets.channel_name("s.k"), buckets.names[buckets.of_channel("s.k")]
+    assert packed == pack(b"EVALSHA", SHARD_PUBLISH_SHA, b"2", name, bucket, b"@n~1 {}")
     assert split_head(b"s.k @n~1 {}") == (b"s.k", b"@n~1 {}")
     with pytest.raises(ValueError):
         split_head(b"no-head")

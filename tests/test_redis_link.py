@@ -185,6 +185,48 @@ def test_a_shard_payload_without_a_valid_head_is_dropped() -> None:
     assert dispatcher.dropped == 4
 
 
+def test_a_channel_shard_message_is_delivered_whatever_the_patterns() -> None:
+    dispatcher, link, inbox, _ = sharded(set())  # no local pattern
+    envelope = encode_envelope(b"n~1", b'{"t":1}')
+    dispatcher.dispatch(link, [b"smessage", b"broker.{b3}s.k", envelope])
+    dispatcher.dispatch(link, [b"smessage", b"other.{b3}s.k", envelope])  # not our prefix
+    dispatcher.dispatch(link, [b"smessage", b"broker.{b3}s..k", envelope])  # not a channel
+    assert inbox.messages == [("s.k", b'{"t":1}')]
+    assert dispatcher.dropped == 2
+
+
+def test_exact_and_pattern_subscriptions_on_one_link_deliver_each_publish_once() -> None:
+    """Each publish sends the channel's copy, then the bucket's, adjacent on the link.
+
+    A pattern matching ``s.k`` is held throughout; the exact subscription to
+    ``s.k`` starts and ends between publishes. Whatever the point of the stream,
+    every publish reaches the listener exactly once.
+    """
+    dispatcher, link, inbox, _ = sharded({"s.k"})  # the local pattern matches s.k
+    own, bucket = b"broker.{b3}s.k", b"broker.{b3}"
+    subscribed = False
+
+    def publish(n: int) -> None:
+        envelope = encode_envelope(b"n~%d" % n, b"%d" % n)
+        if subscribed:  # Redis sends the channel's copy only to its subscribers
+            dispatcher.dispatch(link, [b"smessage", own, envelope])
+        dispatcher.dispatch(link, [b"smessage", bucket, b"s.k " + envelope])
+
+    publish(1)
+    link._confirm_left = 1  # a SSUBSCRIBE is waiting for its confirmation
+    dispatcher.dispatch(link, [b"ssubscribe", own, 2])
+    subscribed = True
+    publish(2)
+    publish(3)
+    link._confirm_left = 1
+    dispatcher.dispatch(link, [b"sunsubscribe", own, 1])
+    subscribed = False
+    publish(4)
+    # An outside program that publishes to the bucket only still reaches the pattern.
+    dispatcher.dispatch(link, [b"smessage", bucket, b"s.k " + encode_envelope(b"x", b"5")])
+    assert [data for _, data in inbox.messages] == [b"1", b"2", b"3", b"4", b"5"]
+
+
 def test_a_sunsubscribe_nobody_asked_for_means_the_slot_moved() -> None:
     dispatcher, link, _, moved = sharded(set())
     dispatcher.dispatch(link, [b"sunsubscribe", b"broker.{b3}", 0])

@@ -2,23 +2,29 @@
 
 Nothing here does I/O; ``broker/backplane/redis_cluster.py`` is the thin part.
 
-Buckets
--------
+Buckets and shard channels
+--------------------------
 
-Sharded pub/sub (``SSUBSCRIBE``) has no pattern subscriptions, and one shard
-channel per broker channel would make a pattern impossible to serve. So every
+Sharded pub/sub (``SSUBSCRIBE``) has no pattern subscriptions. So every
 broker channel falls into one of ``n`` *buckets*, chosen by the CRC-32 of its
-first token, and each bucket is one shard channel, ``<prefix>{b<i>}``. The
-``{b<i>}`` is a hash tag: Redis puts the shard channel, and the channel's
-history keys (which carry the same tag), in the slot of ``b<i>``, so a publish
-with history is one script on one shard. The payload on the shard channel is
-``<channel> <envelope>``: the real channel first (channel names hold no space),
-then the single-Redis envelope of ``redis_wire``.
+first token, and a bucket ``i`` owns two kinds of shard channel, both hash-tagged
+``{b<i>}`` so that Redis puts them (and the channel's history keys, which carry
+the same tag) in one slot of one shard:
 
-A pattern whose first token is a literal (``sensors.>``, ``sensors.*.temp``)
-needs the one bucket of that token; a pattern starting with ``*`` or ``>``
-needs all ``n``. A process receives every message of the buckets it holds and
-drops the channels it does not want before delivery (``ChannelFilter``).
+* ``<prefix>{b<i>}<channel>``: the channel alone, payload the single-Redis
+  envelope of ``redis_wire``. An exact subscription subscribes this, so a
+  process receives only the channels it asked for.
+* ``<prefix>{b<i>}``: the bucket, payload ``<channel> <envelope>`` (channel
+  names hold no space). A pattern subscribes this: one bucket when its first
+  token is a literal (``sensors.>``, ``sensors.*.temp``), all ``n`` when it
+  starts with ``*`` or ``>``; the process drops the channels no local pattern
+  matches (``ChannelFilter``).
+
+A publish goes to both, in one script, so the two copies are adjacent on a
+subscriber's link (no confirmation can come between them): a process that
+holds an exact subscription to a channel and a pattern matching it takes the
+channel's copy and drops the bucket's (``Dispatcher``), exactly, also while
+either subscription is being added or removed.
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ __all__ = [
     "ChannelFilter",
     "Node",
     "SlotMap",
+    "is_exact",
     "key_slot",
-    "pack_spublish",
     "parse_cluster_slots",
+    "shard_target",
     "split_head",
 ]
 
@@ -116,43 +123,41 @@ class Buckets:
         """The hash tag that puts a channel's keys in its bucket's slot: ``{b<i>}``."""
         return b"{b%d}" % self.of_channel(channel)
 
+    def channel_name(self, channel: str) -> bytes:
+        """The shard channel that carries ``channel`` alone: ``<prefix>{b<i>}<channel>``."""
+        return self.names[self.of_channel(channel)] + channel.encode()
+
 
 class ChannelFilter:
-    """Whether this process wants a channel, from the patterns it subscribed.
+    """Whether a local pattern matches a channel that came through a bucket.
 
     A bucket carries every channel whose first token falls in it, so the
-    receiver drops the ones no local subscription matches before they reach
-    delivery. Answers are cached per channel until the patterns change.
+    receiver drops the ones no local pattern matches before they reach
+    delivery. Exact subscriptions have shard channels of their own and are not
+    kept here. Answers are cached per channel until the patterns change.
     """
 
-    __slots__ = ("_cache", "_exact", "_patterns")
+    __slots__ = ("_cache", "_patterns")
 
     _CACHE = 8192
 
     def __init__(self) -> None:
-        self._exact: set[str] = set()
         self._patterns: set[str] = set()
         self._cache: dict[str, bool] = {}
 
     def add(self, pattern: str) -> None:
-        """Want ``pattern`` (an exact channel or a pattern)."""
-        if _is_exact(pattern):
-            self._exact.add(pattern)  # looked up before the cache: nothing to forget
-        elif pattern not in self._patterns:
+        """Want the channels ``pattern`` matches (a pattern, not an exact channel)."""
+        if pattern not in self._patterns:
             self._patterns.add(pattern)
             self._cache.clear()
 
     def discard(self, pattern: str) -> None:
         """Stop wanting ``pattern``."""
-        if _is_exact(pattern):
-            self._exact.discard(pattern)
-        elif pattern in self._patterns:
+        if pattern in self._patterns:
             self._patterns.discard(pattern)
             self._cache.clear()
 
     def __call__(self, channel: str) -> bool:
-        if channel in self._exact:
-            return True
         if not self._patterns:
             return False
         try:
@@ -164,9 +169,21 @@ class ChannelFilter:
             return found
 
 
-def _is_exact(pattern: str) -> bool:
+def is_exact(pattern: str) -> bool:
+    """Whether a subscription names one channel (its own shard channel) or is a pattern."""
     tokens = pattern.split(".")
     return pattern.startswith(INTERNAL_MARK) or ("*" not in tokens and tokens[-1] != ">")
+
+
+def shard_target(prefix: bytes, name: bytes) -> bytes | None:
+    """The channel a shard channel carries alone, or ``None`` for a bucket.
+
+    ``ValueError`` when ``name`` is neither of ``prefix``'s shard channels.
+    """
+    end = name.find(b"}", len(prefix))
+    if not name.startswith(prefix + b"{b") or end < 0:
+        raise ValueError("not one of our shard channels")
+    return name[end + 1 :] or None
 
 
 def split_head(payload: bytes) -> tuple[bytes, bytes]:
@@ -175,17 +192,6 @@ def split_head(payload: bytes) -> tuple[bytes, bytes]:
     if end < 1:
         raise ValueError("shard payload without a channel")
     return payload[:end], payload[end + 1 :]
-
-
-def pack_spublish(shard_channel: bytes, channel: bytes, payload: bytes) -> bytes:
-    """The RESP bytes of ``SPUBLISH shard_channel '<channel> <payload>'``."""
-    return b"*3\r\n$8\r\nSPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s %s\r\n" % (
-        len(shard_channel),
-        shard_channel,
-        len(channel) + 1 + len(payload),
-        channel,
-        payload,
-    )
 
 
 class Node(NamedTuple):

@@ -6,13 +6,14 @@ Theory of operation
 Classic ``PUBLISH`` on a Redis Cluster is broadcast to every node, so the
 cluster carries each message once per node and scales nothing. Sharded pub/sub
 (``SPUBLISH``/``SSUBSCRIBE``, Redis 7) keeps a message on the shard that owns
-its channel's slot. Broker channels are grouped into buckets, one shard channel
-each (``cluster_map``); history keys carry the bucket's hash tag, so a publish
-with history is still one script on one shard.
+its channel's slot. Broker channels are grouped into buckets (``cluster_map``):
+an exact subscription subscribes the channel's own shard channel, a pattern its
+buckets', and a publish (one script) sends to both; history keys carry the
+bucket's hash tag, so a publish is always one script on one shard.
 
 ``ClusterBackplane`` is a façade over one ``_Shard`` per master. A shard is
 what ``RedisBackplane`` is for a single Redis: a ``redis_link.Receiver`` (in
-sharded mode) with the subscriptions of the buckets that master serves, and a
+sharded mode) with the shard channels of the buckets that master serves, and a
 ``redis_publisher.Publisher`` for the publishes and reads of those buckets,
 both on connections built from the first URL with the master's address. The
 reused pieces keep their guarantees: confirmed subscriptions, PING health
@@ -52,7 +53,7 @@ from broker.backplane.cluster_map import (
     ChannelFilter,
     Node,
     SlotMap,
-    pack_spublish,
+    is_exact,
     parse_cluster_slots,
 )
 from broker.backplane.redis import check_options, connection_factory, describe_url
@@ -69,6 +70,7 @@ from broker.backplane.redis_scripts import (
     ScriptCommands,
     parse_publish_reply,
     parse_read_reply,
+    shard_publish_head,
 )
 from broker.backplane.redis_wire import (
     MessageIds,
@@ -84,6 +86,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between topology checks while some shard is down.
 _URGENT_INTERVAL = 0.5
+#: Channels whose publish command head is kept (``ClusterBackplane._heads``).
+_HEADS_CACHE = 8192
 
 
 class _Shard:
@@ -231,6 +235,8 @@ class ClusterBackplane:
             KeyScheme(self.prefix, self._buckets), history_meta_ttl, idempotency_window
         )
         self._interval = topology_interval
+        #: Each channel's publish command up to the envelope (``shard_publish_head``).
+        self._heads: dict[str, bytes] = {}
 
         self._listener: Listener | None = None
         self._closed = False
@@ -238,8 +244,10 @@ class ClusterBackplane:
         self._shards: dict[Node, _Shard] = {}
         #: The shard serving each bucket (None: unknown yet).
         self._route: list[_Shard | None] = [None] * buckets
-        #: Wanted buckets and the broker patterns that want each.
-        self._wanted: dict[int, set[str]] = {}
+        #: Buckets subscribed for patterns, and the patterns that want each.
+        self._patterns: dict[int, set[str]] = {}
+        #: Channels subscribed exactly, each on its own shard channel.
+        self._channels: set[str] = set()
         self._interrupted = False
         self._losses = 0  # of shards closed since, so that the count never drops
         self._dropped = 0
@@ -291,24 +299,36 @@ class ClusterBackplane:
             await self._retire(shard)
 
     async def subscribe(self, pattern: str) -> None:
-        """Want ``pattern``: its buckets are subscribed on their masters (confirmed)."""
-        buckets = self._buckets.of_pattern(pattern)
+        """Want ``pattern``: its shard channel(s) are subscribed on their masters (confirmed).
+
+        An exact channel has a shard channel of its own; a pattern subscribes
+        the buckets it needs (``cluster_map``).
+        """
+        buckets = self._buckets.of_pattern(pattern)  # checks the pattern
+        if is_exact(pattern):
+            self._channels.add(pattern)
+            await self._reconcile(buckets[0], pattern)
+            return
         self.channel_filter.add(pattern)
         for bucket in buckets:
-            self._wanted.setdefault(bucket, set()).add(pattern)
-        await asyncio.gather(*(self._reconcile(bucket) for bucket in buckets))
+            self._patterns.setdefault(bucket, set()).add(pattern)
+        await asyncio.gather(*(self._reconcile(b) for b in buckets))
 
     async def unsubscribe(self, pattern: str) -> None:
-        """Stop wanting ``pattern``; a bucket nobody wants any more is unsubscribed."""
+        """Stop wanting ``pattern``; a shard channel nobody wants any more is unsubscribed."""
         buckets = self._buckets.of_pattern(pattern)
+        if is_exact(pattern):
+            self._channels.discard(pattern)
+            await self._reconcile(buckets[0], pattern)
+            return
         self.channel_filter.discard(pattern)
         for bucket in buckets:
-            wanting = self._wanted.get(bucket)
+            wanting = self._patterns.get(bucket)
             if wanting is not None:
                 wanting.discard(pattern)
                 if not wanting:
-                    del self._wanted[bucket]
-        await asyncio.gather(*(self._reconcile(bucket) for bucket in buckets))
+                    del self._patterns[bucket]
+        await asyncio.gather(*(self._reconcile(b) for b in buckets))
 
     def publish(
         self,
@@ -324,8 +344,14 @@ class ClusterBackplane:
         if shard is None:
             return _failed("redis cluster backplane: no master known for this channel's slot")
         if history is None and key is None:
-            payload = encode_envelope(self._ids.next(), data)
-            packed = pack_spublish(self._buckets.names[bucket], channel.encode(), payload)
+            envelope = encode_envelope(self._ids.next(), data)
+            try:
+                head = self._heads[channel]
+            except KeyError:
+                if len(self._heads) >= _HEADS_CACHE:
+                    self._heads.clear()
+                head = self._heads[channel] = shard_publish_head(self._buckets, channel)
+            packed = b"%s$%d\r\n%s\r\n" % (head, len(envelope), envelope)
             return shard.publisher.enqueue(packed)
         packed = self._scripts.publish(
             channel, self._ids.next(), data, history=history, key=key, master=shard.node.id.encode()
@@ -467,10 +493,14 @@ class ClusterBackplane:
             next((s for s in self._shards.values() if s.serves(slot)), None)
             for slot in self._buckets.slots
         ]
-        for shard in added:
-            for bucket, owner in enumerate(self._route):
-                if owner is shard and bucket in self._wanted:
-                    shard.interest.add(self._subscription(bucket))
+        for bucket in self._patterns:
+            owner = self._route[bucket]
+            if owner in added:
+                owner.interest.add(RedisSubscription(False, self._buckets.names[bucket]))
+        for channel in self._channels:
+            owner = self._route[self._buckets.of_channel(channel)]
+            if owner in added:
+                owner.interest.add(RedisSubscription(False, self._buckets.channel_name(channel)))
         if not retired and not added:
             return
         logger.info(
@@ -491,15 +521,21 @@ class ClusterBackplane:
         self._dropped += shard.receiver.dropped
         await shard.close()
 
-    def _subscription(self, bucket: int) -> RedisSubscription:
-        return RedisSubscription(False, self._buckets.names[bucket])
+    async def _reconcile(self, bucket: int, channel: str | None = None) -> None:
+        """Bring one shard channel on its master in line with the interest.
 
-    async def _reconcile(self, bucket: int) -> None:
+        ``channel``'s own shard channel, or with ``None`` the bucket's.
+        """
         shard = self._route[bucket]
         if shard is None:
-            return  # recorded in _wanted; the shard that gets this bucket subscribes it
-        sub = self._subscription(bucket)
-        if bucket in self._wanted:
+            return  # recorded above; the shard that gets this bucket subscribes it
+        if channel is None:
+            sub = RedisSubscription(False, self._buckets.names[bucket])
+            wanted = bucket in self._patterns
+        else:
+            sub = RedisSubscription(False, self._buckets.channel_name(channel))
+            wanted = channel in self._channels
+        if wanted:
             shard.interest.add(sub)
         else:
             shard.interest.discard(sub)

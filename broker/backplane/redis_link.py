@@ -45,7 +45,8 @@ in the state of the last call. Restoring a new link holds the same lock.
 
 Messages: one publish reaches this process once per matching Redis
 subscription, the copies back to back on the link; the link's
-``Deduplicator`` keeps the first. The channel is checked (a glob can match
+``Deduplicator`` keeps the first (on a cluster the ``Dispatcher`` picks the
+copy by its shard channel instead). The channel is checked (a glob can match
 names that are not broker channels) through a small cache. ``data`` is parsed
 as JSON only when nobody checked it yet: a bare payload, or an envelope whose
 id is not a broker node's (``redis_wire.from_broker_node``); a broker node
@@ -66,7 +67,7 @@ from redis.exceptions import ResponseError
 
 from broker.backoff import backoff_delay
 from broker.backplane import Listener
-from broker.backplane.cluster_map import split_head
+from broker.backplane.cluster_map import shard_target, split_head
 from broker.backplane.dedupe import Deduplicator
 from broker.backplane.redis_publisher import (
     LINK_ERRORS,
@@ -123,6 +124,9 @@ class SubscriberLink:
         self.timeout = timeout
         self.active: set[RedisSubscription] = set()
         self.dedupe = Deduplicator()
+        #: On a cluster: the last copy read on a channel's own shard channel, whose
+        #: bucket copy (if it is next) is dropped. See ``Dispatcher``.
+        self.last_own: tuple[bytes, bytes] | None = None
         self.reads = 0  # replies read so far: proof the link is alive
         self.pong = asyncio.Event()
         self.lost = asyncio.Event()
@@ -198,12 +202,17 @@ class Dispatcher:
     and counted in ``dropped``; ``deliver()`` raising is counted in
     ``deliver_errors``. ``listener`` is set when the backplane starts.
 
-    On a cluster (``sharded``) messages come as ``smessage`` on a bucket's
-    shard channel with the real channel at the head of the payload
-    (``cluster_map``), and ``accept`` drops the channels no local
-    subscription wants (a bucket carries other channels too). A
-    ``sunsubscribe`` nobody asked for means Redis moved a slot away from this
-    node (a reshard or a failover): ``on_moved`` is called.
+    On a cluster (``sharded``) messages come as ``smessage``, on a channel's
+    own shard channel or on a bucket's with the channel at the head of the
+    payload (``cluster_map``). A publish sends both copies in one script, so
+    they are adjacent on the link (same slot, same master): a bucket copy is
+    dropped when it repeats the channel copy read just before it (the link
+    holds both subscriptions; the channel copy was delivered), and when
+    ``accept`` (the local patterns) does not want the channel. That is exact
+    whatever the (un)subscriptions in flight, as no confirmation can come
+    between the two copies; and an outside program's bucket-only publish is
+    still delivered. A ``sunsubscribe`` nobody asked for means Redis moved a
+    slot away from this node (a reshard or a failover): ``on_moved`` is called.
     """
 
     def __init__(
@@ -218,9 +227,13 @@ class Dispatcher:
         self._on_moved = on_moved
         self.dropped = 0
         self.deliver_errors = 0
+        self._sharded = sharded
+        self._shard_prefix = prefix
         self._prefix = b"" if sharded else prefix
         self._accept = accept
         self._names: dict[bytes, str | None] = {}
+        #: Shard channel -> the channel it carries, b"" (a bucket), or None (not ours).
+        self._shards: dict[bytes, bytes | None] = {}
 
     def dispatch(self, link: SubscriberLink, reply: Any) -> None:
         """Handle one reply read on ``link``, in the order read."""
@@ -234,40 +247,77 @@ class Dispatcher:
         elif kind == b"pmessage" and len(reply) == 4:
             self._on_message(link, reply[1], reply[2], reply[3])
         elif kind == b"smessage" and len(reply) == 3:
-            try:
+            target = self._shard_target(reply[1])
+            if target:
+                link.last_own = (target, reply[2])
+                self._on_message(link, None, target, reply[2])
+                return
+            own, link.last_own = link.last_own, None
+            if target is None:
+                self._drop(reply[1], "not one of our shard channels")
+                return
+            try:  # a bucket
                 raw_channel, payload = split_head(reply[2])
             except ValueError as exc:
                 self._drop(reply[1], str(exc))
                 return
-            self._on_message(link, None, raw_channel, payload)
+            if own != (raw_channel, payload):  # else delivered through the channel's own
+                self._on_message(link, None, raw_channel, payload, via_bucket=True)
         elif kind in _CONFIRMATIONS:
             if not link.on_confirmation() and kind == b"sunsubscribe" and self._on_moved:
                 self._on_moved()
         elif kind == b"pong":
             link.pong.set()
 
+    def _shard_target(self, name: bytes) -> bytes | None:
+        """What a shard channel carries: one channel's name, ``b""`` (a bucket), or None."""
+        try:
+            return self._shards[name]
+        except KeyError:
+            if len(self._shards) >= _NAME_CACHE:
+                self._shards.clear()
+            try:
+                target = shard_target(self._shard_prefix, name)
+            except ValueError:
+                target = None
+            else:
+                target = target or b""
+            self._shards[name] = target
+            return target
+
+    def _channel(self, raw_channel: bytes) -> str | None:
+        try:
+            return self._names[raw_channel]
+        except KeyError:
+            if len(self._names) >= _NAME_CACHE:
+                self._names.clear()
+            channel = self._names[raw_channel] = channel_from_redis(self._prefix, raw_channel)
+            return channel
+
     def _on_message(
-        self, link: SubscriberLink, source: bytes | None, raw_channel: bytes, payload: bytes
+        self,
+        link: SubscriberLink,
+        source: bytes | None,
+        raw_channel: bytes,
+        payload: bytes,
+        *,
+        via_bucket: bool = False,
     ) -> None:
         try:
             message_id, position, data = decode_envelope(payload)
         except EnvelopeError as exc:
             self._drop(raw_channel, str(exc))
             return
-        key = payload if message_id is None else message_id
-        if not link.dedupe.first(raw_channel, key, source):
-            return
-        try:
-            channel = self._names[raw_channel]
-        except KeyError:
-            if len(self._names) >= _NAME_CACHE:
-                self._names.clear()
-            channel = self._names[raw_channel] = channel_from_redis(self._prefix, raw_channel)
+        if not self._sharded:
+            key = payload if message_id is None else message_id
+            if not link.dedupe.first(raw_channel, key, source):
+                return
+        channel = self._channel(raw_channel)
         if channel is None:
             self._drop(raw_channel, "not a valid channel name")
             return
-        if self._accept is not None and not self._accept(channel):
-            return  # another channel of the same bucket: nobody here wants it
+        if via_bucket and (self._accept is None or not self._accept(channel)):
+            return  # another channel of the bucket: no local pattern wants it
         if message_id is None or not from_broker_node(message_id):
             # From an outside program: nobody has checked this data yet.
             try:
@@ -512,8 +562,10 @@ class Receiver:
         if self._link is link:
             self._link = None
             self._on_down()
-        await stop_tasks(link.tasks)
-        await disconnect_quietly(link.conn)
+        try:
+            await stop_tasks(link.tasks)
+        finally:
+            await disconnect_quietly(link.conn)
 
     def _lose(self, link: SubscriberLink, error: BaseException) -> None:
         """End ``link`` because of ``error``; the supervisor takes it from there."""
@@ -581,13 +633,23 @@ async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
 
     Python 3.11's ``asyncio.wait_for``, which redis-py uses for every write, can
     swallow a cancellation that lands as the write completes; the task then
-    carries on as if nothing happened. A second cancel lands elsewhere.
+    carries on as if nothing happened. A second cancel lands elsewhere. A
+    cancellation of the caller meanwhile is honoured once the tasks have ended.
     """
     pending = {task for task in tasks if not task.done()}
+    interrupted = False
     while pending:
         for task in pending:
             task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
+        try:
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        except asyncio.CancelledError:
+            # Our owner is stopping us too (it re-cancels as we do): stop the
+            # children first, or they would outlive everything, then go.
+            interrupted = True
+            pending = {task for task in pending if not task.done()}
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 async def close_pair(

@@ -51,6 +51,8 @@ _Outgoing = tuple[bytes, "asyncio.Future[Any]", "Callable[[Any], Any] | None"]
 class RedisConnection(Protocol):
     """The part of redis-py's asyncio ``Connection`` the backplane uses."""
 
+    socket_timeout: float | None
+
     @property
     def is_connected(self) -> bool: ...
 
@@ -214,6 +216,10 @@ class Publisher:
             self._stale = False
             conn = self._make_connection()
             await conn.connect()
+            # Every batch is bounded by our own timeout (_flush); with a socket
+            # timeout set, redis-py would also wrap each send in wait_for, which
+            # costs a task and a loop iteration per batch.
+            conn.socket_timeout = None
             for command in load_commands():
                 await conn.send_command(*command, check_health=False)
                 await conn.read_response(timeout=math.inf, disconnect_on_error=False)

@@ -12,7 +12,8 @@ idempotency key, is one Lua script run by Redis as one atomic step:
    (so a channel keeps exactly its ``history_size``, as the memory backplane
    does; trimming one entry per publish is cheap) and the publish time, and
    renew the expiries;
-3. ``PUBLISH`` the envelope, which now carries ``;<offset>;<epoch>``;
+3. ``PUBLISH`` the envelope, which now carries ``;<offset>;<epoch>`` (on a
+   cluster, ``SPUBLISH`` it to the channel's shard channel and its bucket's);
 4. with a key: remember it for the idempotency window.
 
 Because Redis runs scripts one at a time, no two publishes through any
@@ -52,14 +53,17 @@ from broker.position import PUBLISHED, Position, Published
 __all__ = [
     "PUBLISH_SCRIPT",
     "READ_SCRIPT",
+    "SHARD_PUBLISH_SCRIPT",
     "KeyScheme",
     "ScriptCommands",
     "ScriptError",
     "load_commands",
     "pack_eval_publish",
     "pack_eval_read",
+    "pack_shard_publish",
     "parse_publish_reply",
     "parse_read_reply",
+    "shard_publish_head",
 ]
 
 PUBLISH_SCRIPT = """
@@ -69,7 +73,7 @@ if key_given then
   if seen then return {0, seen} end
 end
 local position = ''
-local payload
+local envelope
 if ARGV[9] == '1' then
   local epoch = redis.call('HGET', KEYS[1], 'e')
   if epoch and ARGV[13] ~= '' and redis.call('HGET', KEYS[1], 'n') ~= ARGV[13] then
@@ -87,11 +91,14 @@ if ARGV[9] == '1' then
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   position = offset .. ';' .. epoch
-  payload = ARGV[12] .. '@' .. ARGV[2] .. ';' .. position .. ' ' .. ARGV[3]
+  envelope = '@' .. ARGV[2] .. ';' .. position .. ' ' .. ARGV[3]
 else
-  payload = ARGV[12] .. '@' .. ARGV[2] .. ' ' .. ARGV[3]
+  envelope = '@' .. ARGV[2] .. ' ' .. ARGV[3]
 end
-redis.call(ARGV[11], ARGV[1], payload)
+if ARGV[14] ~= '' then
+  redis.call('SPUBLISH', ARGV[14], envelope)  -- a cluster: the channel's own shard channel
+end
+redis.call(ARGV[11], ARGV[1], ARGV[12] .. envelope)
 if key_given then
   if position == '' then
     redis.call('SET', KEYS[3], '-', 'PX', ARGV[7])
@@ -144,7 +151,20 @@ end
 return out
 """
 
+#: A plain publish on a cluster: the channel's own shard channel (``KEYS[1]``,
+#: ``<prefix>{b<i>}<channel>``), then its bucket's (``KEYS[2]``) with the channel at
+#: the head (``cluster_map``), in one step so that the copies are adjacent on every
+#: link. The shard channels are passed as keys so that any cluster client routes
+#: the script to the master of their slot; an outside program may run it too.
+SHARD_PUBLISH_SCRIPT = """
+local channel = string.sub(KEYS[1], string.find(KEYS[1], '}', 1, true) + 1)
+redis.call('SPUBLISH', KEYS[1], ARGV[1])
+redis.call('SPUBLISH', KEYS[2], channel .. ' ' .. ARGV[1])
+return 1
+"""
+
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest().encode()
+SHARD_PUBLISH_SHA = hashlib.sha1(SHARD_PUBLISH_SCRIPT.encode()).hexdigest().encode()
 READ_SHA = hashlib.sha1(READ_SCRIPT.encode()).hexdigest().encode()
 
 #: What an epoch may be: we make them (hex), but a Redis is shared ground.
@@ -192,6 +212,10 @@ class KeyScheme:
         if self.buckets is None:
             return self.prefix + channel
         return self.buckets.names[self.buckets.of_channel(channel.decode())]
+
+    def channel_pubsub(self, channel: bytes) -> bytes:
+        """The channel's own shard channel on a cluster; nothing on one Redis."""
+        return b"" if self.buckets is None else self.buckets.channel_name(channel.decode())
 
     def head(self, channel: bytes) -> bytes:
         """What the payload starts with: nothing, or the channel on a cluster."""
@@ -259,6 +283,7 @@ def load_commands() -> list[tuple[bytes, ...]]:
     return [
         (b"SCRIPT", b"LOAD", PUBLISH_SCRIPT.encode()),
         (b"SCRIPT", b"LOAD", READ_SCRIPT.encode()),
+        (b"SCRIPT", b"LOAD", SHARD_PUBLISH_SCRIPT.encode()),
     ]
 
 
@@ -314,7 +339,19 @@ def pack_eval_publish(
         scheme.publish,
         scheme.head(name),
         master,
+        scheme.channel_pubsub(name),
     )
+
+
+def pack_shard_publish(buckets: Buckets, channel: str, envelope: bytes) -> bytes:
+    """The ``EVALSHA`` of a plain publish on a cluster (``SHARD_PUBLISH_SCRIPT``)."""
+    return shard_publish_head(buckets, channel) + b"$%d\r\n%s\r\n" % (len(envelope), envelope)
+
+
+def shard_publish_head(buckets: Buckets, channel: str) -> bytes:
+    """``pack_shard_publish`` up to the envelope: the same for every publish to ``channel``."""
+    own, bucket = buckets.channel_name(channel), buckets.names[buckets.of_channel(channel)]
+    return pack(b"EVALSHA", SHARD_PUBLISH_SHA, b"2", own, bucket).replace(b"*5", b"*6", 1)
 
 
 def pack_eval_read(
