@@ -120,7 +120,10 @@ class Settings(BaseModel):
         64,
         ge=1,
         le=16384,
-        description="redis-cluster: shard channels the channels are spread over (by first token).",
+        description=(
+            "redis-cluster: buckets the channels are spread over by first token "
+            "(a pattern subscribes its buckets)."
+        ),
     )
 
     # Limits

@@ -40,7 +40,13 @@ from broker.backplane.cluster_map import (
     split_head,
 )
 from broker.backplane.redis_cluster import ClusterBackplane
-from broker.backplane.redis_scripts import SHARD_PUBLISH_SHA, KeyScheme, pack, pack_shard_publish
+from broker.backplane.redis_scripts import (
+    SHARD_PUBLISH_SCRIPT,
+    SHARD_PUBLISH_SHA,
+    KeyScheme,
+    pack,
+    pack_shard_publish,
+)
 from broker.exceptions import BackplaneError, BadChannel, ConfigError
 from broker.history import HistoryPolicy
 from tests.backplane_support import (
@@ -131,6 +137,12 @@ def test_each_channel_has_a_shard_channel_of_its_own_in_its_bucket() -> None:
     for foreign in (b"q.{b1}s.k", b"p.s.k", b"p.{b1"):
         with pytest.raises(ValueError):
             shard_target(b"p.", foreign)
+
+
+def test_the_script_outside_programs_are_told_to_run_is_the_brokers() -> None:
+    text = (REPO / "docs" / "redis.md").read_text()
+    documented = re.findall(r"```lua\n(.*?)```", text, re.S)
+    assert documented == [SHARD_PUBLISH_SCRIPT.strip() + "\n"]
 
 
 def test_a_plain_publish_sends_the_channel_copy_and_the_bucket_copy() -> None:
@@ -267,7 +279,8 @@ async def test_a_killed_master_is_followed_to_its_promoted_replica(
 #: What an ACL user of the cluster backplane needs (docs/redis.md, "Redis Cluster").
 CLUSTER_ACL = [
     *("on", ">s3cret", "resetchannels", "&broker-acl.*", "resetkeys", "~broker-acl.*", "-@all"),
-    *("+spublish", "+ssubscribe", "+sunsubscribe", "+ping", "+cluster|slots"),
+    *("+spublish", "+ssubscribe", "+sunsubscribe", "+pubsub|shardnumsub", "+ping"),
+    "+cluster|slots",
     *("+evalsha", "+script|load", "+get", "+set", "+hget", "+hset", "+hincrby", "+xadd"),
     *("+xrange", "+xrevrange", "+del", "+expire", "+pexpire", "+time"),
 ]
@@ -401,6 +414,89 @@ async def test_two_failovers_under_load_lose_no_acknowledged_message_silently(
         assert totals["acked"] >= 100 and totals["refused"] > 0, totals  # traffic, and outages
     # Without history every subscriber is told of each outage it may have missed.
     assert all(n >= 1 for n in results[plain]["gaps"].values()), results
+
+
+async def _master_fault(cluster: LocalCluster, fault: str) -> dict[str, Any]:
+    """Two brokers under load; ``fault`` hits the master of both channels' slot meanwhile.
+
+    The cluster counterparts of the single-Redis fault tests: ``"pause"`` makes the
+    master unresponsive for 3 s (``CLIENT PAUSE``: alive, links open, no replies,
+    no failover), as a black-holed link does; ``"kill-links"`` drops every pub/sub
+    connection to it (``CLIENT KILL TYPE pubsub``), as a proxy or a restart does.
+    A channel with history and one without share the master.
+    """
+    prefix = new_prefix()
+    buckets = Buckets(prefix.encode(), 64)
+    history_channel = "h.f"
+    master = cluster.master_of(buckets.slots[buckets.of_channel(history_channel)])
+    plain = next(
+        f"p{i}.f"
+        for i in range(1000)
+        if cluster.master_of(buckets.slots[buckets.of_channel(f"p{i}")]) == master
+    )
+    rules = '[{"pattern": "h.>", "history_size": 10000, "history_ttl": 600}]'
+    a, b = (
+        redis_broker(cluster.url, prefix, backplane="redis-cluster", BROKER_CHANNELS=rules)
+        for _ in range(2)
+    )
+    async with running(a, b):
+        subs = [
+            Subscriber([ws(a)], [history_channel, plain], "on_a"),
+            Subscriber([ws(b)], [history_channel, plain], "on_b"),
+        ]
+        pubs = [Publisher([ws(b)], history_channel), Publisher([ws(b)], plain)]
+        async with tasks(*(s.run() for s in subs)):
+            await asyncio.wait_for(asyncio.gather(*(s.connected.wait() for s in subs)), 10)
+            async with tasks(*(p.run(300, 0.01) for p in pubs)):
+                await asyncio.sleep(0.8)
+                if fault == "pause":
+                    unready = asyncio.create_task(until_status(f"{a.http_url}/readyz", 503, 10))
+                    cluster.cli("client", "pause", "3000", "all", port=master)
+                    await unready  # /readyz tells the truth meanwhile
+                else:
+                    cluster.cli("client", "kill", "type", "pubsub", port=master)
+                for broker in (a, b):
+                    await until_status(f"{broker.http_url}/readyz", 200, 20)
+                await asyncio.wait_for(asyncio.gather(*(p.done.wait() for p in pubs)), 60)
+            await caught_up(subs, history_channel, pubs[0], 15)
+            await asyncio.sleep(0.5)  # anything still on its way
+        results: dict[str, Any] = {}
+        for pub, channel in zip(pubs, (history_channel, plain), strict=True):
+            totals = check(subs, pub, channel)
+            gaps = {
+                s.name: sum(1 for e in s.events if e.get("op") == "gap" and e["channel"] == channel)
+                for s in subs
+            }
+            results[channel] = {**totals, "gaps": gaps}
+    print(f"redis cluster, master {fault}:", results)
+    print(f"messages_lost_silently={sum(r['messages_lost_silently'] for r in results.values())}")
+    history, without = results[history_channel], results[plain]
+    for totals in (history, without):
+        assert totals["messages_lost_silently"] == 0, totals
+    # With history every acknowledged message arrives, and nobody is told of a hole.
+    assert history["on_a_missing"] == history["on_b_missing"] == 0, history
+    assert history["gaps"] == {"on_a": 0, "on_b": 0}, history
+    # Without, every subscriber was told its link broke.
+    assert all(n >= 1 for n in without["gaps"].values()), without
+    return results
+
+
+@pytest.mark.redis_cluster
+@pytest.mark.slow
+async def test_an_unresponsive_master_loses_no_acknowledged_message_silently(
+    own_cluster: LocalCluster,
+) -> None:
+    results = await _master_fault(own_cluster, "pause")
+    # Publishes the master could not answer in time are unconfirmed, never refused wrongly.
+    assert results["h.f"]["unconfirmed"] + results["h.f"]["refused"] > 0, results
+
+
+@pytest.mark.redis_cluster
+@pytest.mark.slow
+async def test_killed_subscriber_links_lose_no_acknowledged_message_silently(
+    own_cluster: LocalCluster,
+) -> None:
+    await _master_fault(own_cluster, "kill-links")
 
 
 # -- the compose example ---------------------------------------------------------------

@@ -95,10 +95,13 @@ if ARGV[9] == '1' then
 else
   envelope = '@' .. ARGV[2] .. ' ' .. ARGV[3]
 end
-if ARGV[14] ~= '' then
-  redis.call('SPUBLISH', ARGV[14], envelope)  -- a cluster: the channel's own shard channel
+if ARGV[14] ~= '' then  -- a cluster: the channel's own shard channel, then its bucket's
+  local n = redis.call('PUBSUB', 'SHARDNUMSUB', ARGV[14], ARGV[1])
+  if n[2] > 0 then redis.call('SPUBLISH', ARGV[14], envelope) end
+  if n[4] > 0 then redis.call('SPUBLISH', ARGV[1], ARGV[12] .. envelope) end
+else
+  redis.call(ARGV[11], ARGV[1], envelope)
 end
-redis.call(ARGV[11], ARGV[1], ARGV[12] .. envelope)
 if key_given then
   if position == '' then
     redis.call('SET', KEYS[3], '-', 'PX', ARGV[7])
@@ -154,12 +157,17 @@ return out
 #: A plain publish on a cluster: the channel's own shard channel (``KEYS[1]``,
 #: ``<prefix>{b<i>}<channel>``), then its bucket's (``KEYS[2]``) with the channel at
 #: the head (``cluster_map``), in one step so that the copies are adjacent on every
-#: link. The shard channels are passed as keys so that any cluster client routes
-#: the script to the master of their slot; an outside program may run it too.
+#: link; each only if somebody subscribes it on this master (the broker subscribes
+#: on masters), so that a copy nobody reads does not travel to the replica either.
+#: The shard channels are passed as keys so that any cluster client routes the
+#: script to the master of their slot; an outside program may run it too.
 SHARD_PUBLISH_SCRIPT = """
-local channel = string.sub(KEYS[1], string.find(KEYS[1], '}', 1, true) + 1)
-redis.call('SPUBLISH', KEYS[1], ARGV[1])
-redis.call('SPUBLISH', KEYS[2], channel .. ' ' .. ARGV[1])
+local n = redis.call('PUBSUB', 'SHARDNUMSUB', KEYS[1], KEYS[2])
+if n[2] > 0 then redis.call('SPUBLISH', KEYS[1], ARGV[1]) end
+if n[4] > 0 then
+  local channel = string.sub(KEYS[1], string.find(KEYS[1], '}', 1, true) + 1)
+  redis.call('SPUBLISH', KEYS[2], channel .. ' ' .. ARGV[1])
+end
 return 1
 """
 
@@ -180,10 +188,10 @@ class KeyScheme:
     """Names a channel's keys and the channel it is published on.
 
     ``prefix`` starts every name. With ``buckets`` (a Redis Cluster), every
-    key of a channel carries its bucket's hash tag (``broker.h:m:{b7}c``), the
-    script publishes with ``SPUBLISH`` to the bucket's shard channel, and the
-    payload starts with the channel (``cluster_map``), so the whole step runs
-    in one slot of one shard.
+    key of a channel carries its bucket's hash tag (``broker.h:m:{b7}c``), and
+    the script ``SPUBLISH``es to the channel's own shard channel and to its
+    bucket's, whose payload starts with the channel (``cluster_map``), each
+    if it has subscribers: the whole step runs in one slot of one shard.
     """
 
     prefix: bytes
