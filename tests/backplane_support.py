@@ -348,6 +348,79 @@ class LocalCluster:
         return synced >= 3
 
 
+class TlsCluster:
+    """Three TLS-only masters (``tls-cluster yes``, no plain port) with a self-signed
+    certificate for 127.0.0.1; owned by the test, killed by ``stop()``."""
+
+    def __init__(self, directory: Path) -> None:
+        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+            redis_unavailable("redis-server or redis-cli is not installed")
+        self.directory = directory
+        self.base = _free_port_run(3)
+        self.ports = [self.base + i for i in range(3)]
+        self.processes: list[subprocess.Popen[bytes]] = []
+        certificate = RedisServer(tls_dir=directory)  # only for its certificate
+        assert certificate.cert is not None
+        self.cert = certificate.cert
+        self.key = directory / "redis.key"
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.base}?ssl_ca_certs={self.cert}"
+
+    def _cli(self, *args: str, port: int | None = None) -> str:
+        result = subprocess.run(
+            ["redis-cli", "--tls", "--cacert", str(self.cert), "-p", str(port or self.base), *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return result.stdout
+
+    def start(self) -> None:
+        for port in self.ports:
+            data = self.directory / str(port)
+            data.mkdir()
+            self.processes.append(
+                subprocess.Popen(
+                    [
+                        *("redis-server", "--port", "0", "--tls-port", str(port)),
+                        *("--bind", "127.0.0.1", "--dir", str(data)),
+                        *("--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)),
+                        *("--tls-ca-cert-file", str(self.cert), "--tls-auth-clients", "no"),
+                        *("--tls-cluster", "yes", "--tls-replication", "yes"),
+                        *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                        *("--cluster-node-timeout", "1000", "--save", "", "--appendonly", "no"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                for port in self.ports:
+                    self._cli("ping", port=port)
+                break
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        self._cli("--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes")
+        while "cluster_state:ok" not in self._cli("cluster", "info"):
+            if time.monotonic() > deadline + 20:
+                raise AssertionError("the TLS cluster did not come up")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait(timeout=5)
+        self.processes = []
+
+
 def _free_port_run(count: int) -> int:
     """The first of ``count`` consecutive free ports (their bus ports, +10000, free too)."""
     for _ in range(200):

@@ -17,11 +17,13 @@ that serves the channels under test, so that its replica is promoted:
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import urllib.parse
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,6 +55,7 @@ from tests.backplane_support import (
     REPO,
     Inbox,
     LocalCluster,
+    TlsCluster,
     eventually,
     free_port,
     our_tasks,
@@ -497,6 +500,76 @@ async def test_killed_subscriber_links_lose_no_acknowledged_message_silently(
     own_cluster: LocalCluster,
 ) -> None:
     await _master_fault(own_cluster, "kill-links")
+
+
+@pytest.fixture
+def tls_cluster(tmp_path: Path) -> Iterator[TlsCluster]:
+    cluster = TlsCluster(tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.redis_cluster
+@pytest.mark.slow
+async def test_a_tls_cluster_carries_messages_and_history_on_every_master(
+    tls_cluster: TlsCluster,
+) -> None:
+    """``rediss://`` seeds: every master is reached over TLS with the first URL's options."""
+    bp = ClusterBackplane([tls_cluster.url], prefix="tls.")
+    inbox = Inbox()
+    await bp.start(inbox)
+    try:
+        assert bp.ready
+        # One channel on each master, exact and through a pattern, plain and with history.
+        buckets = bp.buckets
+        by_master: dict[int, str] = {}
+        for i in range(200):
+            slot = buckets.slots[buckets.of_channel(f"t{i}.x")]
+            master = next(p for p in tls_cluster.ports if _serves(tls_cluster, p, slot))
+            by_master.setdefault(master, f"t{i}.x")
+        assert len(by_master) == 3
+        history = HistoryPolicy(size=10, ttl=60)
+        for channel in by_master.values():
+            await bp.subscribe(channel)
+        await bp.subscribe("t0.>")
+        for n, channel in enumerate(by_master.values()):
+            published = await bp.publish(channel, b"%d" % n, history=history)
+            assert published.position is not None and published.position.offset == 1
+            await inbox.wait_message(channel, b"%d" % n)
+        read = await bp.read(next(iter(by_master.values())), history, after=0)
+        assert [data for _, data in read.entries] == [b"0"]
+    finally:
+        await bp.close()
+
+
+@pytest.mark.redis_cluster
+@pytest.mark.slow
+async def test_a_tls_cluster_with_an_untrusted_certificate_is_not_ready_and_says_why(
+    tls_cluster: TlsCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="broker.backplane")
+    bp = ClusterBackplane([f"rediss://127.0.0.1:{tls_cluster.base}"], prefix="tls.")
+    await bp.start(Inbox())
+    try:
+        assert not bp.ready
+        assert "cannot map the cluster" in caplog.text and "certificate" in caplog.text.lower()
+    finally:
+        await bp.close()
+
+
+def _serves(cluster: TlsCluster, port: int, slot: int) -> bool:
+    for line in cluster._cli("cluster", "nodes", port=port).splitlines():
+        fields = line.split()
+        if "myself" not in fields[2]:
+            continue
+        for part in fields[8:]:
+            start, _, end = part.partition("-")
+            if int(start) <= slot <= int(end or start):
+                return True
+    return False
 
 
 # -- the compose example ---------------------------------------------------------------
