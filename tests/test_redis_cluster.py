@@ -60,6 +60,7 @@ from tests.backplane_support import (
     free_port,
     our_tasks,
 )
+from tests.brokerproc import BrokerProcess
 from tests.test_delivery_faults import Publisher, Subscriber, caught_up, check, tasks, ws
 from tests.test_deploy import dockerfile_env
 from tests.test_scaleout import new_prefix, redis_broker, running, until_status
@@ -353,32 +354,59 @@ async def test_a_resharded_slot_is_followed_and_its_history_starts_a_new_epoch(
         await bp.close()
 
 
+def _channels_on_one_master(cluster: LocalCluster, prefix: str, tag: str) -> tuple[str, str, int]:
+    """A channel with history and one without that the same master serves, and their slot."""
+    buckets = Buckets(prefix.encode(), 64)
+    history_channel = f"h.{tag}"
+    slot = buckets.slots[buckets.of_channel(history_channel)]
+    master = cluster.master_of(slot)
+    plain = next(
+        f"p{i}.{tag}"
+        for i in range(1000)
+        if cluster.master_of(buckets.slots[buckets.of_channel(f"p{i}")]) == master
+    )
+    return history_channel, plain, slot
+
+
+def _cluster_brokers(cluster: LocalCluster, prefix: str) -> tuple[BrokerProcess, BrokerProcess]:
+    """Two broker processes on ``cluster``, ``h.>`` with history."""
+    rules = '[{"pattern": "h.>", "history_size": 10000, "history_ttl": 600}]'
+    a, b = (
+        redis_broker(cluster.url, prefix, backplane="redis-cluster", BROKER_CHANNELS=rules)
+        for _ in range(2)
+    )
+    return a, b
+
+
+def _subscribers_of(a: BrokerProcess, b: BrokerProcess, channels: list[str]) -> list[Subscriber]:
+    return [Subscriber([ws(a)], channels, "on_a"), Subscriber([ws(b)], channels, "on_b")]
+
+
+def _outcome(
+    subs: list[Subscriber], pubs: list[Publisher], channels: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Per channel: ``check``'s counts, what each subscriber got, and its gaps."""
+    results = {}
+    for pub, channel in zip(pubs, channels, strict=True):
+        delivered = {s.name: len(s.received.get(channel, [])) for s in subs}
+        gaps = {
+            s.name: sum(1 for e in s.events if e.get("op") == "gap" and e["channel"] == channel)
+            for s in subs
+        }
+        results[channel] = {**check(subs, pub, channel), "delivered": delivered, "gaps": gaps}
+    return results
+
+
 @pytest.mark.redis_cluster
 @pytest.mark.slow
 async def test_two_failovers_under_load_lose_no_acknowledged_message_silently(
     own_cluster: LocalCluster,
 ) -> None:
     prefix = new_prefix()
-    buckets = Buckets(prefix.encode(), 64)
-    history_channel = "h.o"
-    slot = buckets.slots[buckets.of_channel(history_channel)]
-    master = own_cluster.master_of(slot)
-    # A channel without history on the same master, so both are cut by each kill.
-    plain = next(
-        f"p{i}.o"
-        for i in range(1000)
-        if own_cluster.master_of(buckets.slots[buckets.of_channel(f"p{i}")]) == master
-    )
-    rules = '[{"pattern": "h.>", "history_size": 10000, "history_ttl": 600}]'
-    a, b = (
-        redis_broker(own_cluster.url, prefix, backplane="redis-cluster", BROKER_CHANNELS=rules)
-        for _ in range(2)
-    )
+    history_channel, plain, slot = _channels_on_one_master(own_cluster, prefix, "o")
+    a, b = _cluster_brokers(own_cluster, prefix)
     async with running(a, b):
-        subs = [
-            Subscriber([ws(a)], [history_channel, plain], "on_a"),
-            Subscriber([ws(b)], [history_channel, plain], "on_b"),
-        ]
+        subs = _subscribers_of(a, b, [history_channel, plain])
         pubs = [Publisher([ws(a), ws(b)], history_channel), Publisher([ws(b), ws(a)], plain)]
         failovers = 0
         async with tasks(*(s.run() for s in subs)):
@@ -402,14 +430,7 @@ async def test_two_failovers_under_load_lose_no_acknowledged_message_silently(
             for pub, channel in zip(pubs, (history_channel, plain), strict=True):
                 await caught_up(subs, channel, pub, 15)
         results: dict[str, Any] = {"failovers": failovers}
-        for pub, channel in zip(pubs, (history_channel, plain), strict=True):
-            totals = check(subs, pub, channel)
-            delivered = {s.name: len(s.received.get(channel, [])) for s in subs}
-            gaps = {
-                s.name: sum(1 for e in s.events if e.get("op") == "gap" and e["channel"] == channel)
-                for s in subs
-            }
-            results[channel] = {**totals, "delivered": delivered, "gaps": gaps}
+        results.update(_outcome(subs, pubs, [history_channel, plain]))
     print("redis cluster failovers:", results)
     for channel in (history_channel, plain):
         totals = results[channel]
@@ -429,24 +450,11 @@ async def _master_fault(cluster: LocalCluster, fault: str) -> dict[str, Any]:
     A channel with history and one without share the master.
     """
     prefix = new_prefix()
-    buckets = Buckets(prefix.encode(), 64)
-    history_channel = "h.f"
-    master = cluster.master_of(buckets.slots[buckets.of_channel(history_channel)])
-    plain = next(
-        f"p{i}.f"
-        for i in range(1000)
-        if cluster.master_of(buckets.slots[buckets.of_channel(f"p{i}")]) == master
-    )
-    rules = '[{"pattern": "h.>", "history_size": 10000, "history_ttl": 600}]'
-    a, b = (
-        redis_broker(cluster.url, prefix, backplane="redis-cluster", BROKER_CHANNELS=rules)
-        for _ in range(2)
-    )
+    history_channel, plain, slot = _channels_on_one_master(cluster, prefix, "f")
+    master = cluster.master_of(slot)
+    a, b = _cluster_brokers(cluster, prefix)
     async with running(a, b):
-        subs = [
-            Subscriber([ws(a)], [history_channel, plain], "on_a"),
-            Subscriber([ws(b)], [history_channel, plain], "on_b"),
-        ]
+        subs = _subscribers_of(a, b, [history_channel, plain])
         pubs = [Publisher([ws(b)], history_channel), Publisher([ws(b)], plain)]
         async with tasks(*(s.run() for s in subs)):
             await asyncio.wait_for(asyncio.gather(*(s.connected.wait() for s in subs)), 10)
@@ -463,14 +471,7 @@ async def _master_fault(cluster: LocalCluster, fault: str) -> dict[str, Any]:
                 await asyncio.wait_for(asyncio.gather(*(p.done.wait() for p in pubs)), 60)
             await caught_up(subs, history_channel, pubs[0], 15)
             await asyncio.sleep(0.5)  # anything still on its way
-        results: dict[str, Any] = {}
-        for pub, channel in zip(pubs, (history_channel, plain), strict=True):
-            totals = check(subs, pub, channel)
-            gaps = {
-                s.name: sum(1 for e in s.events if e.get("op") == "gap" and e["channel"] == channel)
-                for s in subs
-            }
-            results[channel] = {**totals, "gaps": gaps}
+        results = _outcome(subs, pubs, [history_channel, plain])
     print(f"redis cluster, master {fault}:", results)
     print(f"messages_lost_silently={sum(r['messages_lost_silently'] for r in results.values())}")
     history, without = results[history_channel], results[plain]
