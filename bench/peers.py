@@ -27,7 +27,6 @@ import secrets
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from bench.peer_servers import (  # noqa: E402
     server,
     tool_version,
 )
-from bench.procstat import Probe, quietest  # noqa: E402
+from bench.procstat import Probe, measured  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SYSTEMS = ("broker", "bun", "nats")
@@ -133,24 +132,10 @@ async def measure(ctx: Ctx, scenario: str, system: str) -> dict[str, Any]:
     """One measurement, retried while the machine was noisy; the failure recorded, not raised."""
     a = ctx.args
     key = f"{scenario}/{system}"
-    print(f"  {key} ...", end="", flush=True)
     t0 = time.perf_counter()
-    try:
-        r = await quietest(
-            lambda: measure_once(ctx, scenario, system),
-            retries=a.retries,
-            quiet_wait=a.quiet_wait,
-            noise_threshold=a.noise_threshold,
-        )
-    except Exception as exc:  # one failed measurement must not hide the others
-        while isinstance(exc, ExceptionGroup):
-            exc = exc.exceptions[0]
-        msg = f"{key}: {type(exc).__name__}: {exc}"
-        ctx.failures.append(msg)
-        print(f" FAILED ({msg.splitlines()[0]})")
-        if a.verbose:
-            traceback.print_exc()
-        return {"error": msg}
+    r = await measured(key, lambda: measure_once(ctx, scenario, system), a, ctx.failures)
+    if "error" in r:
+        return r
     r["loadgen_bound"] = r.get("loadgen_cpu_pct", 0.0) >= a.bound_threshold
     r["server_bound"] = r.get("server_cpu_pct", 0.0) >= a.bound_threshold
     ctx.failures.extend(failures_of(key, r))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,3 +182,36 @@ async def quietest(
     r["attempts"] = len(attempts)
     r["noisy"] = r.get("other_cpu_pct", 0.0) > noise_threshold
     return r
+
+
+async def measured(
+    key: str,
+    run: Callable[[], Awaitable[dict[str, Any]]],
+    args: Any,
+    failures: list[str],
+) -> dict[str, Any]:
+    """``quietest(run)`` with the runners' progress line and failure handling.
+
+    Prints ``  key ...`` (the caller ends the line). A failure is recorded in
+    ``failures``, printed (with its traceback under ``args.verbose``) and
+    returned as ``{"error": message}``: one failed measurement must not hide
+    the others.
+    """
+    print(f"  {key} ...", end="", flush=True)
+    try:
+        return await quietest(
+            run,
+            retries=args.retries,
+            quiet_wait=args.quiet_wait,
+            noise_threshold=args.noise_threshold,
+        )
+    except Exception as exc:
+        cause: BaseException = exc
+        while isinstance(cause, BaseExceptionGroup):
+            cause = cause.exceptions[0]
+        msg = f"{key}: {type(cause).__name__}: {cause}"
+        failures.append(msg)
+        print(f" FAILED ({msg.splitlines()[0]})")
+        if args.verbose:
+            traceback.print_exc()
+        return {"error": msg}

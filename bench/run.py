@@ -32,7 +32,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import traceback
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ import orjson  # noqa: E402
 
 from bench import clients, loadgen  # noqa: E402
 from bench.net import HOST, Server, answers, free_ports  # noqa: E402
-from bench.procstat import Probe, quietest  # noqa: E402
+from bench.procstat import Probe, measured  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -438,30 +437,12 @@ async def measure(ctx: Ctx, scenario: str, server: str) -> None:
     A measurement during which other processes took more than ``--noise-threshold``
     % of a core is repeated (up to ``--retries`` times); the quietest attempt counts.
     """
-    a = ctx.args
     key = f"{scenario}/{server}"
-    print(f"  {key} ...", end="", flush=True)
     t0 = time.perf_counter()
-    try:
-        r = await quietest(
-            lambda: measure_once(ctx, scenario, server),
-            retries=a.retries,
-            quiet_wait=a.quiet_wait,
-            noise_threshold=a.noise_threshold,
-        )
-    except Exception as exc:  # one failed measurement must not hide the others
-        if isinstance(exc, ExceptionGroup):
-            exc = exc.exceptions[0]
-            while isinstance(exc, ExceptionGroup):
-                exc = exc.exceptions[0]
-        msg = f"{key}: {type(exc).__name__}: {exc}"
-        ctx.failures.append(msg)
-        ctx.runs.setdefault(scenario, {}).setdefault(server, []).append({"error": msg})
-        print(f" FAILED ({msg.splitlines()[0]})")
-        if a.verbose:
-            traceback.print_exc()
-        return
+    r = await measured(key, lambda: measure_once(ctx, scenario, server), ctx.args, ctx.failures)
     ctx.runs.setdefault(scenario, {}).setdefault(server, []).append(r)
+    if "error" in r:
+        return
     ctx.failures.extend(functional_failures(key, r))
     print(f" {time.perf_counter() - t0:.1f}s {headline(scenario, r)}")
 

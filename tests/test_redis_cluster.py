@@ -48,6 +48,7 @@ from broker.backplane.redis_scripts import (
     KeyScheme,
     pack,
     pack_shard_publish,
+    shard_publish_head,
 )
 from broker.exceptions import BackplaneError, BadChannel, ConfigError
 from broker.history import HistoryPolicy
@@ -151,7 +152,7 @@ def test_the_script_outside_programs_are_told_to_run_is_the_brokers() -> None:
 
 def test_a_plain_publish_sends_the_channel_copy_and_the_bucket_copy() -> None:
     buckets = Buckets(b"p.", 16)
-    packed = pack_shard_publish(buckets, "s.k", b"@n~1 {}")
+    packed = pack_shard_publish(shard_publish_head(buckets, "s.k"), b"@n~1 {}")
     name, bucket = buckets.channel_name("s.k"), buckets.names[buckets.of_channel("s.k")]
     assert packed == pack(b"EVALSHA", SHARD_PUBLISH_SHA, b"2", name, bucket, b"@n~1 {}")
     assert split_head(b"s.k @n~1 {}") == (b"s.k", b"@n~1 {}")

@@ -68,6 +68,7 @@ from broker.backplane.redis_publisher import (
 from broker.backplane.redis_scripts import (
     KeyScheme,
     ScriptCommands,
+    pack_shard_publish,
     parse_publish_reply,
     parse_read_reply,
     shard_publish_head,
@@ -351,8 +352,7 @@ class ClusterBackplane:
                 if len(self._heads) >= _HEADS_CACHE:
                     self._heads.clear()
                 head = self._heads[channel] = shard_publish_head(self._buckets, channel)
-            packed = b"%s$%d\r\n%s\r\n" % (head, len(envelope), envelope)
-            return shard.publisher.enqueue(packed)
+            return shard.publisher.enqueue(pack_shard_publish(head, envelope))
         packed = self._scripts.publish(
             channel, self._ids.next(), data, history=history, key=key, master=shard.node.id.encode()
         )

@@ -351,13 +351,16 @@ def pack_eval_publish(
     )
 
 
-def pack_shard_publish(buckets: Buckets, channel: str, envelope: bytes) -> bytes:
-    """The ``EVALSHA`` of a plain publish on a cluster (``SHARD_PUBLISH_SCRIPT``)."""
-    return shard_publish_head(buckets, channel) + b"$%d\r\n%s\r\n" % (len(envelope), envelope)
+def pack_shard_publish(head: bytes, envelope: bytes) -> bytes:
+    """The ``EVALSHA`` of a plain publish on a cluster (``SHARD_PUBLISH_SCRIPT``).
+
+    ``head`` is the channel's ``shard_publish_head``, which a caller may keep.
+    """
+    return b"%s$%d\r\n%s\r\n" % (head, len(envelope), envelope)
 
 
 def shard_publish_head(buckets: Buckets, channel: str) -> bytes:
-    """``pack_shard_publish`` up to the envelope: the same for every publish to ``channel``."""
+    """The command up to the envelope: the same for every publish to ``channel``."""
     own, bucket = buckets.channel_name(channel), buckets.names[buckets.of_channel(channel)]
     return pack(b"EVALSHA", SHARD_PUBLISH_SHA, b"2", own, bucket).replace(b"*5", b"*6", 1)
 
