@@ -152,6 +152,20 @@ class Delivery:
         if channel not in self._tracks:
             self._remember(channel, _Track(position.epoch, position.offset, seeded=True))
 
+    def delivered_through(self, channel: str, position: Position) -> bool:
+        """Whether every message of ``channel`` up to ``position`` has been delivered here.
+
+        False while one may still be on its way: a seeded track delivers
+        offsets at or below its seed when they come.
+        """
+        track = self._tracks.get(channel)
+        return (
+            track is not None
+            and not track.seeded
+            and track.epoch == position.epoch
+            and track.last >= position.offset
+        )
+
     async def close(self) -> None:
         """Stop the fills still running."""
         for task in list(self._fills):

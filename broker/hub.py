@@ -16,7 +16,7 @@ knows nothing of sockets.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Protocol
 
@@ -162,9 +162,13 @@ class Hub:
         Only the peers subscribed to exactly this channel or pattern, not those
         whose other patterns match it. Returns how many got it.
         """
-        peers = [peer for peer in self._index.subscribers_of(pattern) if not isinstance(peer, Tap)]
+        peers = [
+            peer
+            for peer in self._index.subscribers_of(pattern)
+            if not isinstance(peer, Tap) or peer.peer is not None
+        ]
         for peer in peers:
-            peer.send(frame)
+            peer.send(frame)  # a forwarding tap passes it on
         return len(peers)
 
     async def _sync(self, pattern: str) -> None:
@@ -193,24 +197,50 @@ class Hub:
 
 
 class Tap:
-    """Records what a channel delivers, with positions, while a peer's replay is read.
+    """Stands in for a peer in the index while its replay is joined to the live stream.
 
-    A stand-in subscriber: it holds the channel's backplane interest and keeps
-    every live message that arrives while the history is being read, so the
-    replay and the live stream can be joined with no hole and no duplicate.
+    First it *records*: it holds the channel's backplane interest and keeps
+    every live message that arrives while the history is being read, with its
+    position. Then, if this process has not yet delivered everything the read
+    saw (messages at or below the read's top still on their way here), it
+    *forwards*: messages the replay already gave are dropped, the rest go to
+    the peer, until the first message past the read; ``on_joined`` then puts
+    the peer in the tap's place. So the peer gets no hole and no duplicate.
     """
 
-    __slots__ = ("_hub", "messages")
+    __slots__ = ("_hub", "_joined", "_top", "messages", "peer")
 
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
         self.messages: list[tuple[Position | None, bytes]] = []
+        #: The peer forwarded to; None while recording.
+        self.peer: Recipient | None = None
+        self._top: Position | None = None
+        self._joined: Callable[[Tap], None] | None = None
+
+    def forward(self, peer: Recipient, top: Position, on_joined: Callable[[Tap], None]) -> None:
+        """Forward to ``peer`` what comes after ``top``; call ``on_joined`` once past it."""
+        self.peer, self._top, self._joined = peer, top, on_joined
 
     def deliver(self, payload: bytes) -> None:
-        self.messages.append((self._hub.position, payload))
+        position = self._hub.position
+        if self.peer is None:
+            self.messages.append((position, payload))
+            return
+        top = self._top
+        assert top is not None and self._joined is not None
+        if position is not None and position.epoch == top.epoch and position.offset <= top.offset:
+            if position.offset < top.offset:
+                return  # replayed already; the top itself was too, but ends the wait
+        else:
+            self.peer.deliver(payload)
+        if position is not None:
+            self._joined(self)
 
     def send(self, payload: bytes) -> None:
-        return None  # a gap while recording: the replay decides what the peer is told
+        if self.peer is not None:
+            self.peer.send(payload)
+        # While recording, a gap is not passed on: the replay decides what the peer is told.
 
 
 class _PatternLock:

@@ -13,6 +13,10 @@ in the index first (so the backplane carries it, and every live message from
 then on is recorded with its position), then the history is read, then, with
 no await in between, the ``ok``, the replayed messages, the recorded live
 messages newer than the read, and the hand-over from the tap to the peer.
+The read and the live stream travel on different connections, so the read
+may already hold messages this process has not delivered yet; until it has,
+the tap stays in the peer's place, dropping those (the replay gave them) and
+forwarding the rest, and hands over at the first message past the read.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from broker.codes import CloseCode, ErrorCode
 from broker.delivery import Delivery
 from broker.exceptions import BackplaneError, LimitExceeded, Unavailable
 from broker.history import NO_HISTORY, HistoryPolicy, HistoryRead, recover
-from broker.hub import Hub, Peer, Tap
+from broker.hub import Hub, Peer, Recipient, Tap
 from broker.metrics import Metrics
 from broker.position import Position
 from broker.publishing import validate_publish
@@ -88,6 +92,8 @@ class Node:
             self.rules = Rules(settings.channels, auth=verifier is not None)
         self.delivery = Delivery(self.hub, backplane, self.history_of, self.metrics)
         self.peers: set[Peer] = set()
+        #: Subscriptions whose tap still forwards (see the module docstring).
+        self._joining: dict[tuple[Peer, str], Tap] = {}
         self._summarised: tuple[float, tuple[int, ...]] = (clock(), self._summary_counts())
         self.verifier = verifier
         self.node_id = secrets.token_hex(5)
@@ -236,9 +242,11 @@ class Node:
             _decrement(self._per_user, sub)
         patterns = list(peer.session.subscriptions)
         peer.session.subscriptions.clear()
-        self.hub.drop(peer, patterns)
-        for pattern in patterns:
-            await self.hub.unsubscribe(pattern, peer)
+        recipients = [(pattern, self._recipient(peer, pattern)) for pattern in patterns]
+        for pattern, recipient in recipients:
+            self.hub.drop(recipient, (pattern,))
+        for pattern, recipient in recipients:
+            await self.hub.unsubscribe(pattern, recipient)
 
     # -- frames ---------------------------------------------------------------------
 
@@ -278,7 +286,7 @@ class Node:
             elif isinstance(effect, AddSubscription):
                 await self._subscribe(peer, effect)
             elif isinstance(effect, RemoveSubscription):
-                await self.hub.unsubscribe(effect.pattern, peer)
+                await self.hub.unsubscribe(effect.pattern, self._recipient(peer, effect.pattern))
             elif isinstance(effect, Authenticate):
                 await self._authenticate(peer, effect)
             elif isinstance(effect, Close):
@@ -423,21 +431,50 @@ class Node:
             if position is None or position.epoch != read.epoch or position.offset > read.top
         ]
         self.delivery.seed(channel, read.position)
-        if not self._hand_over(peer, channel, tap, newer):
+        if not self._hand_over(peer, channel, tap, newer, read.position):
             await self.hub.unsubscribe(channel, tap)
 
-    def _hand_over(self, peer: Peer, channel: str, tap: Tap, newer: list[bytes]) -> bool:
+    def _hand_over(
+        self, peer: Peer, channel: str, tap: Tap, newer: list[bytes], read: Position | None = None
+    ) -> bool:
         """Deliver what the tap recorded after the read, then put ``peer`` in its place.
 
-        Synchronous, so no message comes between. False when the peer has
-        unsubscribed or gone meanwhile: the caller then releases the tap.
+        Synchronous, so no message comes between. When this process has not
+        yet delivered everything up to ``read``, the tap forwards until it has
+        (see the module docstring). False when the peer has unsubscribed or
+        gone meanwhile: the caller then releases the tap.
         """
         for payload in newer:
             peer.deliver(payload)
-        if channel in peer.session.subscriptions and peer in self.peers:
+        if channel not in peer.session.subscriptions or peer not in self.peers:
+            return False
+        if read is None or self._past(channel, tap, read):
             self.hub.swap(channel, tap, peer)
+        else:
+            self._joining[peer, channel] = tap
+            tap.forward(peer, read, partial(self._joined, peer, channel))
+        return True
+
+    def _past(self, channel: str, tap: Tap, read: Position) -> bool:
+        """Whether this process has delivered every message up to ``read`` on ``channel``."""
+        if read.offset == 0 or self.delivery.delivered_through(channel, read):
             return True
-        return False
+        return any(
+            position is not None
+            and (position.epoch != read.epoch or position.offset >= read.offset)
+            for position, _ in tap.messages
+        )
+
+    def _joined(self, peer: Peer, channel: str, tap: Tap) -> None:
+        """A forwarding tap saw the live stream pass its read: the peer takes its place."""
+        if self._joining.get((peer, channel)) is tap:
+            del self._joining[peer, channel]
+            self.hub.swap(channel, tap, peer)
+
+    def _recipient(self, peer: Peer, channel: str) -> Recipient:
+        """Who holds ``peer``'s subscription to ``channel`` in the index: it, or its tap."""
+        tap = self._joining.pop((peer, channel), None)
+        return peer if tap is None else tap
 
     def _unavailable(self, peer: Peer, effect: AddSubscription, exc: Exception) -> None:
         message = f"cannot read the history of {effect.pattern!r} now: {exc}"
