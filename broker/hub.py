@@ -222,6 +222,14 @@ class Tap:
         """Forward to ``peer`` what comes after ``top``; call ``on_joined`` once past it."""
         self.peer, self._top, self._joined = peer, top, on_joined
 
+    def newer_than(self, top: Position) -> list[bytes]:
+        """The recorded messages that a read ending at ``top`` did not hold."""
+        return [payload for position, payload in self.messages if _newer(position, top)]
+
+    def reached(self, top: Position) -> bool:
+        """Whether a recorded message shows the live stream has come as far as ``top``."""
+        return any(_reached(position, top) for position, _ in self.messages)
+
     def deliver(self, payload: bytes) -> None:
         position = self._hub.position
         if self.peer is None:
@@ -229,18 +237,25 @@ class Tap:
             return
         top = self._top
         assert top is not None and self._joined is not None
-        if position is not None and position.epoch == top.epoch and position.offset <= top.offset:
-            if position.offset < top.offset:
-                return  # replayed already; the top itself was too, but ends the wait
-        else:
+        if _newer(position, top):
             self.peer.deliver(payload)
-        if position is not None:
+        if _reached(position, top):
             self._joined(self)
 
     def send(self, payload: bytes) -> None:
         if self.peer is not None:
             self.peer.send(payload)
         # While recording, a gap is not passed on: the replay decides what the peer is told.
+
+
+def _newer(position: Position | None, top: Position) -> bool:
+    """Not in a read that ended at ``top``: no position, another epoch, or past it."""
+    return position is None or position.epoch != top.epoch or position.offset > top.offset
+
+
+def _reached(position: Position | None, top: Position) -> bool:
+    """At or past ``top`` (or in another epoch): the live stream has caught up with it."""
+    return position is not None and (position.epoch != top.epoch or position.offset >= top.offset)
 
 
 class _PatternLock:

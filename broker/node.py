@@ -425,11 +425,7 @@ class Node:
             peer.send(codec.encode_ok(effect.request_id, extra))
         for offset, data in replay:
             peer.send(codec.encode_message(channel, data, Position(offset, read.epoch)))
-        newer = [
-            payload
-            for position, payload in tap.messages
-            if position is None or position.epoch != read.epoch or position.offset > read.top
-        ]
+        newer = tap.newer_than(read.position)
         self.delivery.seed(channel, read.position)
         if not self._hand_over(peer, channel, tap, newer, read.position):
             await self.hub.unsubscribe(channel, tap)
@@ -457,12 +453,8 @@ class Node:
 
     def _past(self, channel: str, tap: Tap, read: Position) -> bool:
         """Whether this process has delivered every message up to ``read`` on ``channel``."""
-        if read.offset == 0 or self.delivery.delivered_through(channel, read):
-            return True
-        return any(
-            position is not None
-            and (position.epoch != read.epoch or position.offset >= read.offset)
-            for position, _ in tap.messages
+        return (
+            read.offset == 0 or self.delivery.delivered_through(channel, read) or tap.reached(read)
         )
 
     def _joined(self, peer: Peer, channel: str, tap: Tap) -> None:
