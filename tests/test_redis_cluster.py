@@ -60,6 +60,7 @@ from tests.backplane_support import (
     eventually,
     free_port,
     our_tasks,
+    real_cluster_url,
 )
 from tests.brokerproc import BrokerProcess
 from tests.test_delivery_faults import Publisher, Subscriber, caught_up, check, tasks, ws
@@ -204,6 +205,39 @@ async def test_start_while_no_node_answers_is_not_ready_and_closes_cleanly(
     assert our_tasks(before) == set()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "cannot map the cluster" in warnings[0], warnings
+
+
+@pytest.mark.redis_cluster
+async def test_a_pattern_is_wanted_until_redis_confirms_its_unsubscribe() -> None:
+    # A message published before unsubscribe() may still be in a bucket's
+    # stream; Redis confirms the unsubscribe after it, so the filter must not
+    # drop it first (the CI flake of test_unsubscribe_stops_traffic[cluster]).
+    before = set(asyncio.all_tasks())
+    bp = ClusterBackplane([real_cluster_url()], prefix=new_prefix())
+    inbox = Inbox()
+    await bp.start(inbox)
+    try:
+        await bp.subscribe("news.*")
+        wanted_while_pending: list[bool] = []
+        for shard in bp._shards.values():
+            original = shard.receiver.reconcile
+
+            async def spy(sub: Any, original: Any = original) -> None:
+                wanted_while_pending.append(bp.channel_filter("news.sport"))
+                await original(sub)
+
+            shard.receiver.reconcile = spy  # type: ignore[method-assign]
+        await bp.unsubscribe("news.*")
+        assert wanted_while_pending and all(wanted_while_pending)
+        assert not bp.channel_filter("news.sport")
+
+        # Unsubscribed and subscribed again at once: the last call wins.
+        await asyncio.gather(bp.unsubscribe("news.*"), bp.subscribe("news.*"))
+        await bp.publish("news.sport", b"again")
+        await inbox.wait_message("news.sport", b"again")
+    finally:
+        await bp.close()
+    assert our_tasks(before) == set()
 
 
 # -- masters killed on a cluster of the test's own ----------------------------------------

@@ -322,7 +322,6 @@ class ClusterBackplane:
             self._channels.discard(pattern)
             await self._reconcile(buckets[0], pattern)
             return
-        self.channel_filter.discard(pattern)
         for bucket in buckets:
             wanting = self._patterns.get(bucket)
             if wanting is not None:
@@ -330,6 +329,11 @@ class ClusterBackplane:
                 if not wanting:
                     del self._patterns[bucket]
         await asyncio.gather(*(self._reconcile(b) for b in buckets))
+        # Only now: a message published before this call may still be on its
+        # way through a bucket, and Redis confirms the unsubscribe after it.
+        # A subscribe of the same pattern meanwhile keeps it wanted.
+        if not any(pattern in self._patterns.get(b, ()) for b in buckets):
+            self.channel_filter.discard(pattern)
 
     def publish(
         self,
