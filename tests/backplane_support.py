@@ -321,8 +321,12 @@ class LocalCluster:
         raise AssertionError(f"no master serves slot {slot}")
 
     def move_slot(self, slot: int, to_port: int) -> None:
-        """Reshard one slot, keys included, to the master at ``to_port`` (as redis-cli does)."""
-        from_port = self.master_of(slot)
+        """Reshard one slot, keys included, to the master at ``to_port`` (as redis-cli does).
+
+        The masters are asked, not any node: a replica learns of a previous
+        move by gossip, later.
+        """
+        from_port = self.master_of(slot, ask=to_port)
         source, target = (self.cli("cluster", "myid", port=p).strip() for p in (from_port, to_port))
         self.cli("cluster", "setslot", str(slot), "importing", source, port=to_port)
         self.cli("cluster", "setslot", str(slot), "migrating", target, port=from_port)
@@ -332,9 +336,20 @@ class LocalCluster:
             self.cli(
                 "migrate", "127.0.0.1", str(to_port), "", "0", "5000", "keys", *keys, port=from_port
             )
-        masters = {self.master_of(s) for s in (0, 8000, 16383)} | {to_port}
-        for port in sorted(masters):
+        # As redis-cli: the target first, then the source (which ends its
+        # migrating state), then every other master.
+        others = sorted(set(self.masters(ask=to_port)) - {to_port, from_port})
+        for port in [to_port, from_port, *others]:
             self.cli("cluster", "setslot", str(slot), "node", target, port=port)
+
+    def masters(self, ask: int | None = None) -> list[int]:
+        """The ports of the masters that serve slots, as node ``ask`` sees it."""
+        ports = []
+        for line in self.cli("cluster", "nodes", port=ask).splitlines():
+            fields = line.split()
+            if "master" in fields[2] and "fail" not in fields[2] and len(fields) > 8:
+                ports.append(int(fields[1].split(":")[1].split("@")[0]))
+        return ports
 
     def replicas_in_sync(self) -> bool:
         """Whether three replicas are in sync with their masters (so a failover can happen)."""

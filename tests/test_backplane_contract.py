@@ -461,6 +461,25 @@ async def test_concurrent_publishers_never_share_an_offset(redis_env: Env) -> No
     assert [p.offset for p in inbox.positions] == list(range(1, 201))  # in offset order
 
 
+async def test_a_flushed_script_cache_is_loaded_again_and_nothing_is_refused(
+    redis_env: Env,
+) -> None:
+    bp, inbox = await redis_env.started()
+    await bp.subscribe("h.s")
+    first = await bp.publish("h.s", b"1", history=HISTORY)
+    if redis_env.kind == "cluster":
+        await redis_env.raw.execute_command("SCRIPT FLUSH", target_nodes=RedisCluster.PRIMARIES)
+    else:
+        await redis_env.raw.script_flush()
+    after = await asyncio.gather(
+        bp.publish("h.s", b"2", history=HISTORY), bp.publish("h.s", b"3", key="k-flush")
+    )
+    assert first.position is not None and first.position.offset == 1
+    assert after[0].position is not None and after[0].position.offset == 2
+    await inbox.wait_message("h.s", b"3")
+    assert inbox.on("h.s") == [b"1", b"2", b"3"]
+
+
 async def test_an_epoch_changes_when_history_is_lost(redis_env: Env) -> None:
     bp, _ = await redis_env.started()
     first = (await bp.publish("h.e", b"1", history=HISTORY)).position

@@ -389,6 +389,76 @@ async def test_a_resharded_slot_is_followed_and_its_history_starts_a_new_epoch(
         await bp.close()
 
 
+@pytest.mark.redis_cluster
+@pytest.mark.slow
+async def test_a_reshard_moves_only_the_subscriptions_whose_slot_moved(
+    own_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both masters keep their links; delivery is told only when a subscribed slot moves."""
+    bp = ClusterBackplane(
+        [own_cluster.url], prefix="r.", socket_timeout=0.5, reconnect_max=0.5, topology_interval=0.2
+    )
+    inbox = Inbox()
+    await bp.start(inbox)
+
+    def served_by(slot: int) -> int | None:
+        ports = [shard.node.port for shard in bp._shards.values() if shard.serves(slot)]
+        return ports[0] if ports else None
+
+    async def moved(slot: int, to: int) -> None:
+        await asyncio.to_thread(own_cluster.move_slot, slot, to)
+        await eventually(lambda: served_by(slot) == to, 10, f"slot {slot} followed")
+
+    async def flowing(tag: bytes) -> None:
+        await bp.publish("orders.a", tag)
+        await bp.publish("stock.level", tag)
+        await inbox.wait_message("orders.a", tag)
+        await inbox.wait_message("stock.level", tag)
+
+    try:
+        await bp.subscribe("orders.>")
+        await bp.subscribe("stock.level")
+        shards = dict(bp._shards)
+        orders = bp.buckets.slots[bp.buckets.of_channel("orders")]
+        stock = bp.buckets.slots[bp.buckets.of_channel("stock")]
+        home = served_by(orders)
+        assert home is not None
+        away = next(node.port for node in shards if node.port != home)
+        home_ranges = next(shard.ranges for node, shard in shards.items() if node.port == home)
+        idle = next(
+            slot
+            for start, end in home_ranges
+            for slot in range(start, end + 1)
+            if slot not in (orders, stock)
+        )
+        await flowing(b"0")
+
+        # A slot nobody here subscribes to: nothing is interrupted.
+        await moved(idle, away)
+        await flowing(b"1")
+        assert inbox.links == []
+
+        # The subscribed bucket's slot, away and back: told each time, links kept.
+        await moved(orders, away)
+        await eventually(lambda: inbox.links == ["lost", "restored"], 10, "first move told")
+        await flowing(b"2")
+        await moved(orders, home)
+        await eventually(lambda: len(inbox.links) == 4, 10, "second move told")
+        assert inbox.links == ["lost", "restored"] * 2
+        await flowing(b"3")
+        await moved(idle, home)
+
+        assert bp._shards.keys() == shards.keys()
+        assert all(bp._shards[node] is shard for node, shard in shards.items())  # links kept
+        assert bp.connection_losses == 0
+        assert inbox.on("orders.a") == [b"0", b"1", b"2", b"3"]
+        assert inbox.on("stock.level") == [b"0", b"1", b"2", b"3"]
+    finally:
+        await bp.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
+
+
 def _channels_on_one_master(cluster: LocalCluster, prefix: str, tag: str) -> tuple[str, str, int]:
     """A channel with history and one without that the same master serves, and their slot."""
     buckets = Buckets(prefix.encode(), 64)

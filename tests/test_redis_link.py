@@ -7,13 +7,14 @@ real redis-server in ``test_redis_faults.py``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from broker.backplane import Position
 from broker.backplane.redis_link import Dispatcher, SubscriberLink
-from broker.backplane.redis_wire import MessageIds, encode_envelope
+from broker.backplane.redis_wire import MessageIds, RedisSubscription, encode_envelope
 from tests.backplane_support import Inbox
 
 PREFIX = b"broker."
@@ -233,3 +234,31 @@ def test_a_sunsubscribe_nobody_asked_for_means_the_slot_moved() -> None:
     assert moved == ["moved"]
     dispatcher.dispatch(link, [b"unsubscribe", b"broker.a", 0])  # not a shard: no topology news
     assert moved == ["moved"]
+
+
+class Sends:
+    """A connection that takes commands and answers nothing: replies are dispatched by hand."""
+
+    is_connected = True
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, ...]] = []
+
+    async def send_command(self, *args: Any, **kwargs: Any) -> None:
+        self.sent.append(args)
+
+
+async def test_a_dropped_shard_subscription_is_no_longer_active_and_confirms_nothing() -> None:
+    dispatcher, _, _, moved = sharded(set())
+    link = SubscriberLink(Sends(), timeout=1.0)  # type: ignore[arg-type]
+    dropped = RedisSubscription(False, b"broker.{b3}")
+    link.active.add(dropped)
+    # An SSUBSCRIBE of another slot is waiting for Redis when Redis drops this one.
+    pending = asyncio.create_task(link.command("SSUBSCRIBE", [b"broker.{b9}"]))
+    await asyncio.sleep(0)
+    dispatcher.dispatch(link, [b"sunsubscribe", b"broker.{b3}", 0])
+    assert dropped not in link.active and moved == ["moved"]
+    await asyncio.sleep(0)
+    assert not pending.done()  # a push, not the answer to the command
+    dispatcher.dispatch(link, [b"ssubscribe", b"broker.{b9}", 1])
+    await asyncio.wait_for(pending, 1)

@@ -23,15 +23,18 @@ A *topology* task asks the cluster (``CLUSTER SLOTS``, from any node it knows
 or the seeds) which master serves which slots: at start, every
 ``topology_interval`` seconds, at once when a shard's link fails, a reply
 says ``MOVED``/``ASK`` or a master drops a shard subscription by itself (it
-does when a slot leaves it), and twice a second while not every shard is up. A master
-whose slots changed (a failover promoted its replica, a reshard moved a slot)
-gets a new ``_Shard``; the old one is closed. Shards whose slots did not change
-are left alone.
+does when a slot leaves it), and twice a second while not every shard is up. A
+node that became a master (a failover promoted a replica) gets a new
+``_Shard``, and the shard of a node that is no longer one is closed. A master
+whose slots changed (a reshard moved a slot) keeps its shard and its links:
+only the shard channels of the moved slots are unsubscribed there and
+subscribed on their new master.
 
 Link events, aggregated for the node's ``Listener``: ``link_lost()`` when a
-shard that was up goes down (its link lost, or replaced because its slots
-moved) while none was down before; ``link_restored()`` when every master of a
-complete slot map is up again with its subscriptions restored. A shard's outage
+shard that was up goes down (its link lost, or its node no longer a master) or
+subscribed shard channels change masters, while no such interruption is
+already open; ``link_restored()`` when every master of a complete slot map is
+up again with its subscriptions restored. A shard's outage
 is thus reported to every subscription, not only to the buckets it served:
 delivery fills each channel with history from where it stopped (nothing is
 re-sent) and sends a ``gap`` where it cannot, so the cost is a history read
@@ -412,13 +415,22 @@ class ClusterBackplane:
     def shard_lost(self) -> None:
         """A shard that was up is down: messages of its buckets may be lost from now on."""
         self.refresh()
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        """Messages may be missed from now on: tell delivery, once per interruption."""
         if not self._interrupted and self._listener is not None and not self._closed:
             self._interrupted = True
             self._listener.link_lost()
 
     def shard_up(self) -> None:
-        """A shard is up; once all are, an interruption is over."""
-        if self._interrupted and self.ready and self._listener is not None:
+        """A shard is up; once all are, with every subscription placed, an interruption is over."""
+        if (
+            self._interrupted
+            and self.ready
+            and self._listener is not None
+            and not any(shard.receiver.unplaced for shard in self._shards.values())
+        ):
             self._interrupted = False
             logger.info("redis cluster backplane: every master is up again")
             self._listener.link_restored()
@@ -437,8 +449,10 @@ class ClusterBackplane:
                 slot_map = await self._fetch()
                 if slot_map is not None:
                     await self._apply(slot_map)
+                    await self._place_refused()
                 self._mapped.set()
-                interval = self._interval if self.ready else _URGENT_INTERVAL
+                settled = self.ready and not self._interrupted
+                interval = self._interval if settled else _URGENT_INTERVAL
                 try:
                     async with asyncio.timeout(interval):
                         await self._refresh.wait()
@@ -480,38 +494,43 @@ class ClusterBackplane:
         return None
 
     async def _apply(self, slot_map: SlotMap) -> None:
-        """Keep one shard per master of ``slot_map``; replace those whose slots changed."""
+        """Keep one shard per master of ``slot_map``; move the interest whose slot moved.
+
+        A node that is no longer a master (a failover) loses its shard and its
+        successor gets a new one. A master whose slots changed (a reshard)
+        keeps its links: only the shard channels whose slot moved change
+        hands, and only then may messages have been missed meanwhile, so only
+        then is delivery told (``link_lost``, then ``link_restored`` once they
+        are subscribed where they now live).
+        """
         masters = slot_map.masters()
         self._slot_map = slot_map
-        retired = [
-            shard for node, shard in self._shards.items() if masters.get(node) != shard.ranges
-        ]
-        added = []
+        retired = [shard for node, shard in self._shards.items() if node not in masters]
         for shard in retired:
             del self._shards[shard.node]
+        added: list[_Shard] = []
         for node, ranges in masters.items():
-            if node not in self._shards:
-                shard = self._shards[node] = _Shard(self, node, ranges)
-                added.append(shard)
+            kept = self._shards.get(node)
+            if kept is None:
+                kept = self._shards[node] = _Shard(self, node, ranges)
+                added.append(kept)
+            else:
+                kept.ranges = ranges
         self._route = [
             next((s for s in self._shards.values() if s.serves(slot)), None)
             for slot in self._buckets.slots
         ]
-        for bucket in self._patterns:
-            owner = self._route[bucket]
-            if owner in added:
-                owner.interest.add(RedisSubscription(False, self._buckets.names[bucket]))
-        for channel in self._channels:
-            owner = self._route[self._buckets.of_channel(channel)]
-            if owner in added:
-                owner.interest.add(RedisSubscription(False, self._buckets.channel_name(channel)))
-        if not retired and not added:
+        moved = self._place_interest()
+        if not retired and not added and not moved:
             return
         logger.info(
-            "redis cluster backplane: %d masters (%s)",
+            "redis cluster backplane: %d masters (%s)%s",
             len(masters),
             ", ".join(f"{n.host}:{n.port}" for n in masters),
+            f"; {len(moved)} shard channel subscriptions moved" if moved else "",
         )
+        if moved:
+            self._interrupt()  # what is published on them meanwhile may be missed
         for shard in retired:
             if shard.up:
                 self.shard_lost()  # its buckets move: what is published meanwhile may be missed
@@ -519,6 +538,49 @@ class ClusterBackplane:
         assert self._listener is not None
         for shard in added:
             shard.start(self._listener)
+        if moved:
+            # Gone from a master: it drops them by itself (sends ``sunsubscribe``).
+            # New on one: subscribed there, confirmed.
+            for shard, sub in moved:
+                if sub not in shard.interest:
+                    shard.receiver.forget(sub)
+            await asyncio.gather(
+                *(shard.receiver.reconcile(sub) for shard, sub in moved if sub in shard.interest)
+            )
+
+    async def _place_refused(self) -> None:
+        """Subscribe again what a master refused while its slot was moving; end the interruption."""
+        shards = [shard for shard in self._shards.values() if shard.receiver.unplaced]
+        if shards:
+            self._interrupt()  # messages may be missed until they are placed
+            await asyncio.gather(*(shard.receiver.retry_unplaced() for shard in shards))
+        self.shard_up()
+
+    def _place_interest(self) -> list[tuple[_Shard, RedisSubscription]]:
+        """Give each shard the wanted shard channels of the slots it now serves.
+
+        Returns the subscriptions that changed on shards already running (each
+        to be subscribed or unsubscribed there); a new shard subscribes its
+        interest when it connects.
+        """
+        wanted: dict[_Shard, set[RedisSubscription]] = {s: set() for s in self._shards.values()}
+        for bucket in self._patterns:
+            owner = self._route[bucket]
+            if owner is not None:
+                wanted[owner].add(RedisSubscription(False, self._buckets.names[bucket]))
+        for channel in self._channels:
+            owner = self._route[self._buckets.of_channel(channel)]
+            if owner is not None:
+                wanted[owner].add(RedisSubscription(False, self._buckets.channel_name(channel)))
+        moved = []
+        for shard, subs in wanted.items():
+            if shard.interest == subs:
+                continue
+            if shard.tasks:
+                moved += [(shard, sub) for sub in shard.interest ^ subs]
+            shard.interest.clear()  # in place: the shard's receiver holds this set
+            shard.interest.update(subs)
+        return moved
 
     async def _retire(self, shard: _Shard) -> None:
         self._losses += shard.receiver.losses

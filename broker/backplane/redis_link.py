@@ -75,6 +75,7 @@ from broker.backplane.redis_publisher import (
     RedisConnection,
     describe_error,
     disconnect_quietly,
+    is_redirect,
 )
 from broker.backplane.redis_wire import (
     EnvelopeError,
@@ -133,6 +134,7 @@ class SubscriberLink:
         self.error: BaseException | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self._confirm_left = 0
+        self._confirm_kind = b""
         self._confirmed: asyncio.Future[None] | None = None
 
     async def send(self, *args: bytes | str) -> None:
@@ -150,6 +152,7 @@ class SubscriberLink:
         """
         self._confirmed = asyncio.get_running_loop().create_future()
         self._confirm_left = len(names)
+        self._confirm_kind = verb.lower().encode()
         try:
             await self.send(verb, *names)
             async with asyncio.timeout(self.timeout):
@@ -160,11 +163,15 @@ class SubscriberLink:
             self._confirmed = None
             self._confirm_left = 0
 
-    def on_confirmation(self) -> bool:
-        """Count one (un)subscribe confirmation read; False when no command asked for it."""
+    def on_confirmation(self, kind: bytes) -> bool:
+        """Count one (un)subscribe confirmation read; False when no command asked for it.
+
+        A ``sunsubscribe`` Redis sends by itself (a slot left the node) does not
+        confirm an ``ssubscribe`` in flight.
+        """
         # Our subscriptions changed at this point of the stream: see Deduplicator.
         self.dedupe.reset()
-        if self._confirm_left == 0:
+        if self._confirm_left == 0 or kind != self._confirm_kind:
             return False
         self._confirm_left -= 1
         done = self._confirmed
@@ -264,8 +271,11 @@ class Dispatcher:
             if own != (raw_channel, payload):  # else delivered through the channel's own
                 self._on_message(link, None, raw_channel, payload, via_bucket=True)
         elif kind in _CONFIRMATIONS:
-            if not link.on_confirmation() and kind == b"sunsubscribe" and self._on_moved:
-                self._on_moved()
+            if not link.on_confirmation(kind) and kind == b"sunsubscribe" and len(reply) == 3:
+                # Redis dropped it: the slot left this node. Not ours any more here.
+                link.active.discard(RedisSubscription(False, reply[1]))
+                if self._on_moved:
+                    self._on_moved()
         elif kind == b"pong":
             link.pong.set()
 
@@ -392,6 +402,10 @@ class Receiver:
         self._on_down = on_down
         self._sharded = sharded
         self._dispatcher = Dispatcher(prefix, sharded=sharded, accept=accept, on_moved=on_moved)
+        self._on_moved = on_moved
+        #: On a cluster: wanted subscriptions a master refused because their slot
+        #: is elsewhere or moving; ``retry_unplaced()`` tries them again.
+        self.unplaced: set[RedisSubscription] = set()
         self._listener: Listener | None = None
         self._link: SubscriberLink | None = None
         self._lock = asyncio.Lock()
@@ -424,19 +438,29 @@ class Receiver:
         """Make the current link's state of ``sub`` match ``interest``; never raises.
 
         Without a link, does nothing: the next link restores what is wanted. A
-        refusal by Redis is logged and tried again on the next link.
+        refusal by Redis is logged and tried again on the next link; on a
+        cluster, a refusal because the slot is elsewhere is kept in
+        ``unplaced`` and the topology looked at again.
         """
         async with self._lock:
+            wanted = sub in self._interest
+            if not wanted:
+                self.unplaced.discard(sub)
             link = self._link
             if link is None or link.lost.is_set():
                 return  # recorded; the next link restores it
-            wanted = sub in self._interest
             if wanted == (sub in link.active):
                 return
             verb = _SHARD_VERBS[wanted] if self._sharded else _VERBS[wanted, sub.is_pattern]
             try:
                 await link.command(verb, [sub.name])
             except ResponseError as exc:
+                if self._sharded and is_redirect(exc):
+                    if wanted:
+                        self._unplaced(sub, exc)
+                    else:  # the slot left this node, and with it the subscription
+                        link.active.discard(sub)
+                    return
                 _refused(verb, sub.name, exc)  # wanted still; tried again after a reconnect
                 return
             except LINK_ERRORS as exc:
@@ -444,8 +468,27 @@ class Receiver:
                 return
             if wanted:
                 link.active.add(sub)
+                self.unplaced.discard(sub)
             else:
                 link.active.discard(sub)
+
+    def forget(self, sub: RedisSubscription) -> None:
+        """``sub``'s slot left this node: Redis drops it there by itself, so send nothing."""
+        self.unplaced.discard(sub)
+        if self._link is not None:
+            self._link.active.discard(sub)
+
+    async def retry_unplaced(self) -> None:
+        """Try the subscriptions in ``unplaced`` again (the topology may have settled)."""
+        for sub in list(self.unplaced):
+            await self.reconcile(sub)
+
+    def _unplaced(self, sub: RedisSubscription, error: ResponseError) -> None:
+        logger.debug("redis backplane: %r is not served here (%s); retried", sub.name, error)
+        if sub not in self.unplaced:
+            self.unplaced.add(sub)
+            if self._on_moved is not None:
+                self._on_moved()  # the first refusal: look at the topology now
 
     # -- the supervisor ---------------------------------------------------------
 
@@ -533,6 +576,7 @@ class Receiver:
     async def _restore(self, link: SubscriberLink) -> None:
         """Subscribe everything wanted on a fresh link (the caller holds the lock)."""
         wanted = list(self._interest)
+        self.unplaced.clear()
         # SSUBSCRIBE takes names of one slot only: one bucket per command.
         kinds = (
             ((False, "SSUBSCRIBE", 1),)
@@ -551,7 +595,10 @@ class Receiver:
                         try:
                             await link.command(verb, [sub.name])
                         except ResponseError as exc:
-                            _refused(verb, sub.name, exc)
+                            if self._sharded and is_redirect(exc):
+                                self._unplaced(sub, exc)
+                            else:
+                                _refused(verb, sub.name, exc)
                         else:
                             link.active.add(sub)
                 else:
@@ -587,9 +634,14 @@ class Receiver:
                     # Redis refused a (P)SUBSCRIBE (an ACL, say): that command fails, the
                     # link is fine. An error nobody waits for means we are out of step.
                     link.reads += 1
-                    if not link.on_error_reply(exc):
-                        raise
-                    continue
+                    if link.on_error_reply(exc):
+                        continue
+                    if self._sharded and is_redirect(exc):
+                        # The answer to an unsubscribe whose confirmation Redis had
+                        # already sent by itself when the slot left: nothing is out of step.
+                        logger.debug("redis backplane: late %s", exc)
+                        continue
+                    raise
                 link.reads += 1
                 dispatch(link, reply)
         except LINK_ERRORS as exc:

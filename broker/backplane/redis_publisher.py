@@ -25,7 +25,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from broker.backplane import PUBLISHED
 from broker.backplane.redis_scripts import load_commands
@@ -40,8 +47,16 @@ MAX_BATCH_BYTES = 1 << 20
 #: What a failing link or a failing Redis raises; anything else is our bug.
 LINK_ERRORS = (RedisError, OSError, TimeoutError, BackplaneError)
 
-#: Replies of a Redis Cluster saying the command went to the wrong node (not run).
-_MOVED = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
+#: Replies of a Redis Cluster saying the command went to the wrong node (not run):
+#: MOVED (``MovedError``, an ``AskError``), ASK, TRYAGAIN, CLUSTERDOWN. redis-py
+#: parses them into these classes and drops the word from the message.
+_REDIRECTS = (AskError, TryAgainError, ClusterDownError)
+
+
+def is_redirect(error: ResponseError) -> bool:
+    """Whether a Redis Cluster refused a command because its slot is elsewhere (or moving)."""
+    return isinstance(error, _REDIRECTS)
+
 
 #: A queued command: the packed bytes, the future to resolve, and how to turn
 #: Redis's reply into its result (None: a PUBLISH, whose result is ``PUBLISHED``).
@@ -96,6 +111,7 @@ class Publisher:
         self._wakeup = asyncio.Event()  # the outbox has something
         self._conn: RedisConnection | None = None
         self._stale = False  # the link was replaced: do not trust the connection
+        self._fresh = False  # the current batch's connection has just loaded the scripts
 
     def enqueue(
         self, packed: bytes, parse: Callable[[Any], Any] | None = None
@@ -185,13 +201,20 @@ class Publisher:
             self._on_failure()
             logger.debug("%s", reason)
             return
-        for (_, future, parse), reply in zip(batch, replies, strict=True):
+        again: list[_Outgoing] = []
+        for command, reply in zip(batch, replies, strict=True):
+            _, future, parse = command
             if future.done():
                 continue
             if isinstance(reply, ResponseError):
-                if str(reply).startswith("NOSCRIPT"):
-                    self._stale = True  # the script cache was flushed: load them again
-                elif str(reply).startswith(_MOVED):
+                if isinstance(reply, NoScriptError) and not self._fresh:
+                    # The script cache was flushed (SCRIPT FLUSH): nothing ran. Load
+                    # the scripts on a new connection and send it again, first (a
+                    # plain PUBLISH of this batch, which did run, stays before it).
+                    self._stale = True
+                    again.append(command)
+                    continue
+                if is_redirect(reply):
                     self._on_failure()  # a cluster's slot moved: look at the topology again
                 future.set_exception(BackplaneError(f"redis backplane: refused: {reply}"))
             elif parse is None:
@@ -201,6 +224,10 @@ class Publisher:
                     future.set_result(parse(reply))
                 except ValueError as exc:
                     future.set_exception(BackplaneError(f"redis backplane: bad reply: {exc}"))
+        if again:
+            logger.info("redis backplane: Redis lost its scripts; loading them again")
+            self._outbox.extendleft(reversed(again))
+            self._wakeup.set()
 
     async def _connection(self) -> RedisConnection:
         """The connection for the next batch: a fresh one if the current one is suspect."""
@@ -212,6 +239,7 @@ class Publisher:
         ):
             await self._drop()
             conn = None
+        self._fresh = conn is None
         if conn is None:
             self._stale = False
             conn = self._make_connection()
