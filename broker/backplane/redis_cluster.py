@@ -509,13 +509,17 @@ class ClusterBackplane:
         for shard in retired:
             del self._shards[shard.node]
         added: list[_Shard] = []
+        resharded = False
         for node, ranges in masters.items():
             kept = self._shards.get(node)
             if kept is None:
                 kept = self._shards[node] = _Shard(self, node, ranges)
                 added.append(kept)
-            else:
+            elif kept.ranges != ranges:
                 kept.ranges = ranges
+                resharded = True
+        if not retired and not added and not resharded:
+            return  # the usual pass: routes and interest are as they were
         self._route = [
             next((s for s in self._shards.values() if s.serves(slot)), None)
             for slot in self._buckets.slots
